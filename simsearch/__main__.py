@@ -1,0 +1,3 @@
+from simsearch.cli import main
+
+main()

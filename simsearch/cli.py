@@ -1,0 +1,331 @@
+"""The `simsearch` command: parses options, calls the library, prints results.
+
+Results go to stdout (a table, or JSON with --json); progress bars and logs go to stderr.
+Heavy imports (torch, faiss) happen inside the commands so that `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from simsearch import __version__
+from simsearch.config import (
+    DEFAULT_BATCH_SIZE,
+    IndexSettings,
+    max_pixels_from_env,
+    resolve_store_dir,
+)
+from simsearch.errors import SimsearchError
+
+if TYPE_CHECKING:
+    from simsearch.collection import Collection
+    from simsearch.library import EmbedderFactory
+
+app = typer.Typer(
+    help="Image similarity search with the Deep Ranking network.\n\n"
+    "Index a folder, then query it:\n\n"
+    "    simsearch index ./photos\n\n"
+    "    simsearch query photo.jpg -k 10",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("simsearch")
+
+StoreOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--store",
+        help="Store directory. Default: $SIMSEARCH_STORE, else the per-user data directory "
+        "(~/.local/share/simsearch/store on Linux).",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+DeviceOption = Annotated[
+    Optional[str],
+    typer.Option("--device", help="cpu, cuda, cuda:N or mps. Default: cuda, then mps, then cpu."),
+]
+WeightsOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--backbone-weights",
+        help="ImageNet weights file for the vgg16 or resnet50 backbones when offline.",
+        exists=True, dir_okay=False, readable=True,
+    ),
+]
+MaxPixelsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-pixels", min=1,
+        help="Skip images with more pixels than this (decompression-bomb limit). "
+        "Default: $SIMSEARCH_MAX_PIXELS or 100,000,000.",
+        show_default=False,
+    ),
+]
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="simsearch: %(levelname)s: %(message)s",
+                        stream=sys.stderr)
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="More log output on stderr (-vv for debug).")] = 0,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    """Image similarity search with the Deep Ranking network."""
+    _configure_logging(verbose)
+    if version:
+        typer.echo(f"simsearch {__version__}")
+        raise typer.Exit()
+
+
+def _fail(exc: SimsearchError) -> typer.Exit:
+    typer.echo(f"simsearch: error: {exc}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _open(store: Path | None, *, write: bool) -> Collection:
+    from simsearch.collection import Collection
+
+    return Collection.open(resolve_store_dir(store), write=write)
+
+
+def _embedder_factory(device: str | None, backbone_weights: Path | None, max_pixels: int,
+                      precision: str = "auto") -> EmbedderFactory:
+    def factory(spec: str):
+        from simsearch.embedding import Embedder
+        from simsearch.model import load_model
+
+        model = load_model(spec, backbone_weights=backbone_weights)
+        return Embedder(model, device=device, precision=precision, max_pixels=max_pixels)
+
+    return factory
+
+
+class _Bar:
+    """A tqdm progress bar on stderr, hidden when stderr is not a terminal."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def start(self, total: int, description: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=description, unit="img", file=sys.stderr,
+                         disable=None, dynamic_ncols=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False))
+
+
+@app.command()
+def index(
+    folders: Annotated[list[Path], typer.Argument(help="Folders (recursive) or image files.",
+                                                  show_default=False)],
+    store: StoreOption = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model",
+        help="Builtin model name (convnet-efficientnet_lite0, convnet-vgg16, convnet-resnet50) "
+        "or a .safetensors checkpoint. Default: the store's model, or convnet-efficientnet_lite0.",
+    )] = None,
+    reindex: Annotated[bool, typer.Option(
+        "--reindex", help="Re-embed every image (needed to change the store's model).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = DEFAULT_BATCH_SIZE,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=0, help="Decoding processes. Default: from the CPU count.")] = None,
+    device: DeviceOption = None,
+    backbone_weights: WeightsOption = None,
+    max_pixels: MaxPixelsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Index the images under FOLDERS: new and changed files are embedded, moved files keep
+    their vectors, deleted files leave the index.
+
+    Example: simsearch index ~/Pictures --store ~/pictures.simsearch
+    """
+    from simsearch import library
+
+    try:
+        pixels = max_pixels or max_pixels_from_env()
+        settings = IndexSettings(batch_size=batch_size, workers=workers, device=device,
+                                 max_pixels=pixels)
+        with _open(store, write=True) as collection:
+            summary = library.index_paths(
+                collection, [str(f) for f in folders],
+                embedder_factory=_embedder_factory(device, backbone_weights, pixels),
+                model=model, reindex=reindex, settings=settings, progress=_Bar(),
+            )
+    except SimsearchError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(summary.to_dict())
+        return
+    for failure in summary.failures:
+        typer.echo(f"skipped {failure.path}: {failure.reason}", err=True)
+    typer.echo(summary.line())
+
+
+@app.command()
+def query(
+    images: Annotated[list[str], typer.Argument(
+        help="Image files (indexed or not), or indexed images' ids or SHA-1s.",
+        show_default=False)],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of neighbours.")] = 10,
+    store: StoreOption = None,
+    device: DeviceOption = None,
+    backbone_weights: WeightsOption = None,
+    max_pixels: MaxPixelsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the K nearest indexed images of each query image, nearest first.
+
+    Example: simsearch query photo.jpg -k 10 --json
+    """
+    from simsearch import library
+
+    try:
+        pixels = max_pixels or max_pixels_from_env()
+        with _open(store, write=False) as collection:
+            results = library.query(
+                collection, images, k=k,
+                embedder_factory=_embedder_factory(device, backbone_weights, pixels),
+            )
+    except SimsearchError as exc:
+        raise _fail(exc) from None
+    for number, result in enumerate(results):
+        if as_json:
+            _print_json(result.to_dict())
+            continue
+        if number:
+            typer.echo("")
+        typer.echo(f"query: {result.query}")
+        typer.echo(f"{'rank':>4}  {'distance':>8}  {'sha1':<40}  path")
+        for n in result.results:
+            typer.echo(f"{n.rank:>4}  {n.distance:>8.4f}  {n.sha1 or '':<40}  {n.path}")
+
+
+@app.command()
+def distance(
+    a: Annotated[str, typer.Argument(help="Image file, or indexed image's path, id or SHA-1.")],
+    b: Annotated[str, typer.Argument(help="Image file, or indexed image's path, id or SHA-1.")],
+    store: StoreOption = None,
+    device: DeviceOption = None,
+    backbone_weights: WeightsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the Euclidean distance (0 to 2) and cosine similarity of two images' embeddings.
+    Indexed images use their stored vectors.
+
+    Example: simsearch distance cat.jpg cat-crop.jpg
+    """
+    from simsearch import library
+
+    try:
+        with _open(store, write=False) as collection:
+            result = library.distance(
+                collection, a, b,
+                embedder_factory=_embedder_factory(device, backbone_weights,
+                                                   max_pixels_from_env()),
+            )
+    except SimsearchError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        typer.echo(f"distance {result.distance:.6f}  cosine {result.cosine:.6f}")
+
+
+@app.command()
+def info(store: StoreOption = None, as_json: JsonOption = False) -> None:
+    """Show the store: counts, model, index type, sizes and failed files.
+
+    Example: simsearch info --json
+    """
+    from simsearch import library
+
+    try:
+        with _open(store, write=False) as collection:
+            result = library.info(collection)
+    except SimsearchError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    rows = [
+        ("store", result.store),
+        ("model", f"{result.model_id} ({result.model_spec})" if result.model_id else "none yet"),
+        ("dimensions", result.dim),
+        ("indexed images", result.indexed),
+        ("failed files", result.failed),
+        ("awaiting embedding", result.awaiting),
+        ("index", f"{result.index_type}, {result.index_vectors} vectors"
+         if result.index_type else "none"),
+        ("database size", _size(result.database_bytes)),
+        ("index size", _size(result.index_bytes)),
+    ]
+    for name, value in rows:
+        typer.echo(f"{name + ':':<20} {value}")
+    for failure in result.failures[:20]:
+        typer.echo(f"  failed {failure.path}: {failure.reason}")
+    if len(result.failures) > 20:
+        typer.echo(f"  ... and {len(result.failures) - 20} more (see --json)")
+
+
+@app.command()
+def remove(
+    paths: Annotated[list[str], typer.Argument(help="Files or folders to forget.",
+                                               show_default=False)],
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove images from the store and its index (the files themselves are not touched).
+
+    Example: simsearch remove ~/Pictures/old
+    """
+    from simsearch import library
+
+    try:
+        with _open(store, write=True) as collection:
+            result = library.remove(collection, paths)
+    except SimsearchError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    for path in result.not_found:
+        typer.echo(f"not in the store: {path}", err=True)
+    typer.echo(f"removed {result.removed}")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def main() -> None:
+    app()

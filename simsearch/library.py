@@ -1,0 +1,525 @@
+"""The operations users call: index folders, query by image, distance, remove, info.
+
+The library receives an embedder factory rather than building models itself, so tests can pass
+a fake; it raises SimsearchError subclasses and never prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from simsearch.collection import Changes, Collection, ImageRecord, KnownFile, Move
+from simsearch.config import IndexSettings
+from simsearch.errors import InputError, ModelMismatchError, SimsearchError
+from simsearch.images import FileEntry, Skipped, discover, sha1_file
+from simsearch.store import STATUS_INDEXED
+
+log = logging.getLogger(__name__)
+
+SHA1_PATTERN = re.compile(r"^[0-9a-fA-F]{40}$")
+CHECKPOINT_SECONDS = 120.0  # save the index this often during long runs
+
+
+class EmbedResultLike(Protocol):
+    position: int
+    path: str
+    vector: np.ndarray | None
+    width: int | None
+    height: int | None
+    error: str | None
+
+
+class EmbedderLike(Protocol):
+    """What the library needs from `simsearch.embedding.Embedder` (tests pass fakes)."""
+
+    model_id: str
+    dim: int
+    spec: str
+
+    def embed_files(
+        self, paths: Sequence[str], *, batch_size: int = ..., workers: int | None = ...
+    ) -> Iterator[list[EmbedResultLike]]: ...
+
+
+EmbedderFactory = Callable[[str], EmbedderLike]
+
+
+class Progress(Protocol):
+    """A progress display; the CLI draws a bar on stderr, the library only reports counts."""
+
+    def start(self, total: int, description: str) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def close(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    path: str
+    reason: str
+
+
+@dataclass(slots=True)
+class IndexSummary:
+    store: str
+    model_id: str
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list[Failure] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (
+            f"added {self.added}, updated {self.updated}, moved {self.moved}, "
+            f"unchanged {self.unchanged}, removed {self.removed}, failed {self.failed} "
+            f"({self.seconds:.1f} s, store {self.store})"
+        )
+
+
+def reindex_command(roots: Sequence[str], store: Path, model: str | None = None) -> str:
+    folders = " ".join(roots) if roots else "DIR"
+    model_part = f" --model {model}" if model else ""
+    return f"simsearch index {folders} --store {store}{model_part} --reindex"
+
+
+def _check_embedder(embedder: EmbedderLike, expected_id: str, collection: Collection,
+                    roots: Sequence[str]) -> None:
+    if embedder.model_id != expected_id:
+        raise ModelMismatchError(
+            f"the store {collection.root} holds vectors of model {expected_id}, but "
+            f"{embedder.spec} now loads as {embedder.model_id} (its weights or simsearch changed); "
+            f"re-index with `{reindex_command(roots, collection.root)}`"
+        )
+
+
+# -- index ---------------------------------------------------------------------------------
+def index_paths(
+    collection: Collection,
+    roots: Sequence[str | os.PathLike[str]],
+    *,
+    embedder_factory: EmbedderFactory,
+    model: str | None = None,
+    reindex: bool = False,
+    settings: IndexSettings = IndexSettings(),
+    progress: Progress | None = None,
+) -> IndexSummary:
+    """Bring the store up to date with the image files under `roots` (recursive, incremental)."""
+    started = time.monotonic()
+    progress = progress or NoProgress()
+    root_paths = [os.path.abspath(os.fspath(r)) for r in roots]
+    embedder = _prepare_model(collection, root_paths, embedder_factory, model, reindex)
+    model_id, model_spec, _dim = collection.model() or (embedder.model_id, embedder.spec, 0)
+    summary = IndexSummary(store=str(collection.root), model_id=model_id)
+
+    entries: list[FileEntry] = []
+    changes = Changes()
+    seen: set[str] = set()
+    for item in discover(root_paths, exclude=[collection.root]):
+        seen.add(item.path)
+        if isinstance(item, Skipped):
+            _record_failure(summary, changes, item.path, item.reason, None)
+        else:
+            entries.append(item)
+
+    known = collection.known_files(root_paths)
+    to_check: list[tuple[FileEntry, KnownFile | None]] = []
+    for entry in entries:
+        row = known.get(entry.path)
+        if (
+            row is not None
+            and row.status == STATUS_INDEXED
+            and row.model_id == model_id
+            and row.size == entry.size
+            and row.mtime_ns == entry.mtime_ns
+        ):
+            summary.unchanged += 1
+        else:
+            to_check.append((entry, row))
+    gone = {path: row for path, row in known.items() if path not in seen}
+
+    # Hash what is new or changed: unchanged content, moves and copies keep their vectors.
+    gone_by_sha1 = {
+        row.sha1: row for row in gone.values()
+        if row.sha1 and row.status == STATUS_INDEXED and row.model_id == model_id
+    }
+    hashed: list[tuple[FileEntry, KnownFile | None, str]] = []
+    if to_check:
+        progress.start(len(to_check), "hashing")
+        for entry, row in to_check:
+            try:
+                hashed.append((entry, row, sha1_file(entry.path)))
+            except OSError as exc:
+                _record_failure(summary, changes, entry.path, f"cannot read the file: {exc}", entry)
+            progress.advance()
+        progress.close()
+    copies_of = collection.indexed_by_sha1(
+        sha1 for _, row, sha1 in hashed if sha1 not in gone_by_sha1
+    )
+
+    to_embed: list[tuple[FileEntry, KnownFile | None, str]] = []
+    copies: list[tuple[FileEntry, KnownFile | None, str, int]] = []
+    for entry, row, sha1 in hashed:
+        if (
+            row is not None and row.status == STATUS_INDEXED and row.model_id == model_id
+            and row.sha1 == sha1
+        ):
+            changes.moves.append(Move(row.id, entry.path, entry.size, entry.mtime_ns))
+            summary.unchanged += 1
+        elif sha1 in gone_by_sha1:
+            old = gone_by_sha1.pop(sha1)
+            del gone[old.path]
+            if row is not None:  # a failed or stale row holds the new path: it goes
+                changes.removals.append(row.id)
+            changes.moves.append(Move(old.id, entry.path, entry.size, entry.mtime_ns))
+            summary.moved += 1
+        elif sha1 in copies_of:
+            copies.append((entry, row, sha1, copies_of[sha1]))
+        else:
+            to_embed.append((entry, row, sha1))
+
+    for row in gone.values():
+        changes.removals.append(row.id)
+    summary.removed = len(gone)
+
+    if copies:
+        vectors = collection.vectors([source for *_, source in copies])
+        for entry, row, sha1, source in copies:
+            changes.records.append(_record(entry, row, sha1, vectors[source], None, None))
+            _count_new(summary, row)
+    collection.apply(changes)  # moves, removals and copies first: a kill now loses nothing
+
+    if to_embed:
+        if embedder is None:
+            embedder = embedder_factory(model_spec)
+            _check_embedder(embedder, model_id, collection, root_paths)
+        _embed(collection, embedder, to_embed, summary, settings, progress)
+    collection.save_index()
+    summary.failed = len(summary.failures)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _prepare_model(
+    collection: Collection, roots: Sequence[str], factory: EmbedderFactory,
+    model: str | None, reindex: bool,
+) -> EmbedderLike | None:
+    """Decide the run's model; load it now only when its id must be known up front."""
+    current = collection.model()
+    if current is not None and model is None and not reindex:
+        return None  # the store's own model, loaded lazily if anything needs embedding
+    if model is None:
+        from simsearch.model import DEFAULT_MODEL
+
+        model = current[1] if current is not None else DEFAULT_MODEL
+    embedder = factory(model)
+    if current is not None and current[0] != embedder.model_id and not reindex:
+        raise ModelMismatchError(
+            f"the store {collection.root} holds vectors of model {current[0]} ({current[1]}); "
+            f"{model} is {embedder.model_id}, and vectors of two models never mix. Re-index "
+            f"everything with `{reindex_command(roots, collection.root, model)}`, "
+            "or use another --store"
+        )
+    collection.set_model(embedder.model_id, embedder.spec, embedder.dim, replace=reindex)
+    return embedder
+
+
+def _record(entry: FileEntry, row: KnownFile | None, sha1: str | None,
+            vector: np.ndarray | None, width: int | None, height: int | None,
+            error: str | None = None) -> ImageRecord:
+    return ImageRecord(
+        path=entry.path, sha1=sha1, size=entry.size, mtime_ns=entry.mtime_ns,
+        width=width, height=height, vector=vector, error=error,
+        id=row.id if row is not None else None,
+    )
+
+
+def _count_new(summary: IndexSummary, row: KnownFile | None) -> None:
+    if row is not None and row.status == STATUS_INDEXED:
+        summary.updated += 1
+    else:
+        summary.added += 1
+
+
+def _record_failure(summary: IndexSummary, changes: Changes, path: str, reason: str,
+                    entry: FileEntry | None, sha1: str | None = None) -> None:
+    summary.failures.append(Failure(path, reason))
+    changes.records.append(
+        ImageRecord(
+            path=path, sha1=sha1, size=entry.size if entry else None,
+            mtime_ns=entry.mtime_ns if entry else None, error=reason,
+        )
+    )
+
+
+def _embed(
+    collection: Collection, embedder: EmbedderLike,
+    jobs: list[tuple[FileEntry, KnownFile | None, str]], summary: IndexSummary,
+    settings: IndexSettings, progress: Progress,
+) -> None:
+    progress.start(len(jobs), "embedding")
+    last_save = time.monotonic()
+    try:
+        batches = embedder.embed_files(
+            [entry.path for entry, _, _ in jobs],
+            batch_size=settings.batch_size, workers=settings.workers,
+        )
+        for batch in batches:
+            changes = Changes()
+            for result in batch:
+                entry, row, sha1 = jobs[result.position]
+                if result.vector is None:
+                    _record_failure(summary, changes, entry.path, result.error or "unknown error",
+                                    entry, sha1)
+                    continue
+                changes.records.append(
+                    _record(entry, row, sha1, result.vector, result.width, result.height)
+                )
+                _count_new(summary, row)
+            collection.apply(changes)
+            progress.advance(len(batch))
+            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
+                collection.save_index()
+                last_save = time.monotonic()
+    finally:
+        progress.close()
+
+
+# -- query and distance ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Neighbor:
+    rank: int
+    id: int
+    path: str
+    sha1: str | None
+    distance: float
+
+
+@dataclass(slots=True)
+class QueryResult:
+    query: str
+    results: list[Neighbor]
+
+    def to_dict(self) -> dict:
+        return {"query": self.query, "results": [asdict(n) for n in self.results]}
+
+
+@dataclass(slots=True)
+class _Resolved:
+    text: str
+    vector: np.ndarray | None = None
+    image_id: int | None = None  # the query is this indexed image
+    path: str | None = None  # a file to embed
+
+
+def _resolve(collection: Collection, texts: Sequence[str], factory: EmbedderFactory
+             ) -> list[_Resolved]:
+    """Turn each query text (file, id or SHA-1) into a vector, embedding files in one batch."""
+    model = collection.model()
+    if model is None:
+        collection.index()  # raises the "index some images first" error
+    assert model is not None
+    resolved: list[_Resolved] = []
+    for text in texts:
+        item = _Resolved(text)
+        if os.path.isfile(text):
+            path = os.path.abspath(text)
+            row = collection.find_image(path=path)
+            stat = os.stat(path)
+            if row is not None and row.size == stat.st_size and row.mtime_ns == stat.st_mtime_ns:
+                item.image_id = row.id
+            else:
+                try:
+                    sha1 = sha1_file(path)
+                except OSError as exc:
+                    raise InputError(f"cannot read the query image {text}: {exc}") from exc
+                row = collection.find_image(sha1=sha1)
+                if row is not None:
+                    item.image_id = row.id
+                else:
+                    item.path = path
+        elif os.path.exists(text):
+            raise InputError(f"{text} is not a file; give an image file, an image id or a SHA-1")
+        elif text.isdigit():
+            row = collection.find_image(image_id=int(text))
+            if row is None:
+                raise InputError(f"no indexed image has id {text}; `simsearch info` shows the store")
+            item.image_id = row.id
+        elif SHA1_PATTERN.match(text):
+            row = collection.find_image(sha1=text)
+            if row is None:
+                raise InputError(f"no indexed image has SHA-1 {text}")
+            item.image_id = row.id
+        else:
+            raise InputError(
+                f"{text} is not an existing file, an indexed image id or a SHA-1; check the path"
+            )
+        resolved.append(item)
+
+    indexed = [item for item in resolved if item.image_id is not None]
+    if indexed:
+        vectors = collection.index().reconstruct([item.image_id for item in indexed])
+        for item, vector in zip(indexed, vectors):
+            item.vector = vector
+    files = [item for item in resolved if item.path is not None]
+    if files:
+        embedder = factory(model[1])
+        _check_embedder(embedder, model[0], collection, [])
+        for batch in embedder.embed_files([item.path for item in files], workers=0):
+            for result in batch:
+                item = files[result.position]
+                if result.vector is None:
+                    raise InputError(f"cannot use the query image {item.text}: {result.error}")
+                item.vector = result.vector
+    return resolved
+
+
+def query(
+    collection: Collection, queries: Sequence[str], *, k: int = 10,
+    embedder_factory: EmbedderFactory,
+) -> list[QueryResult]:
+    """The k nearest indexed images of each query (file, id or SHA-1), nearest first."""
+    if k < 1:
+        raise InputError(f"-k must be at least 1, got {k}")
+    resolved = _resolve(collection, queries, embedder_factory)
+    index = collection.index()
+    matrix = np.stack([item.vector for item in resolved]).astype(np.float32)
+    distances, ids = index.search(matrix, k + 1)
+    rows = collection.images(sorted({int(i) for i in ids.ravel() if i >= 0}))
+    results = []
+    for item, row_d, row_i in zip(resolved, distances, ids):
+        pairs = [(float(d), int(i)) for d, i in zip(row_d, row_i) if i >= 0 and int(i) in rows]
+        # The query image itself comes first among equal distances.
+        pairs.sort(key=lambda p: (p[0], p[1] != item.image_id, p[1]))
+        neighbors = [
+            Neighbor(rank, image_id, rows[image_id].path, rows[image_id].sha1, distance)
+            for rank, (distance, image_id) in enumerate(pairs[:k], start=1)
+        ]
+        results.append(QueryResult(item.text, neighbors))
+    return results
+
+
+@dataclass(frozen=True, slots=True)
+class DistanceResult:
+    a: str
+    b: str
+    distance: float
+    cosine: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def distance(collection: Collection, a: str, b: str, *, embedder_factory: EmbedderFactory
+             ) -> DistanceResult:
+    """Euclidean distance (0..2) and cosine similarity between two unit embeddings."""
+    first, second = _resolve(collection, [a, b], embedder_factory)
+    va = first.vector.astype(np.float64)
+    vb = second.vector.astype(np.float64)
+    return DistanceResult(a, b, float(np.linalg.norm(va - vb)), float(np.dot(va, vb)))
+
+
+# -- remove and info -------------------------------------------------------------------------
+@dataclass(slots=True)
+class RemoveSummary:
+    removed: int
+    not_found: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def remove(collection: Collection, paths: Sequence[str]) -> RemoveSummary:
+    """Forget the images at these paths (files, or folders and everything under them)."""
+    changes = Changes()
+    not_found = []
+    for path in paths:
+        rows = collection.known_files([os.path.abspath(path)])
+        if not rows:
+            not_found.append(path)
+        changes.removals.extend(row.id for row in rows.values())
+    changes.removals = sorted(set(changes.removals))
+    if collection.model() is not None:
+        collection.index()
+    collection.apply(changes)
+    collection.save_index()
+    return RemoveSummary(len(changes.removals), not_found)
+
+
+@dataclass(slots=True)
+class StoreInfo:
+    store: str
+    model_id: str | None
+    model_spec: str | None
+    dim: int | None
+    indexed: int
+    failed: int
+    awaiting: int
+    generation: int
+    index_type: str | None
+    index_vectors: int | None
+    database_bytes: int
+    index_bytes: int
+    failures: list[Failure]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def info(collection: Collection) -> StoreInfo:
+    """Counts, model, index type and sizes of a store."""
+    model = collection.model()
+    counts = collection.counts()
+    index_type = index_vectors = None
+    if model is not None:
+        index = collection.index()
+        index_type, index_vectors = index.description(), len(index)
+    files = collection.index_files()
+    db_bytes = sum(
+        p.stat().st_size for p in collection.root.glob(collection.store.db_path.name + "*")
+    )
+    return StoreInfo(
+        store=str(collection.root),
+        model_id=model[0] if model else None,
+        model_spec=model[1] if model else None,
+        dim=model[2] if model else None,
+        indexed=counts["indexed"],
+        failed=counts["failed"],
+        awaiting=counts["awaiting"],
+        generation=collection.generation(),
+        index_type=index_type,
+        index_vectors=index_vectors,
+        database_bytes=db_bytes,
+        index_bytes=files[0][1].stat().st_size if files else 0,
+        failures=[Failure(row.path, row.error or "") for row in collection.failures()],
+    )
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SimsearchError(message)

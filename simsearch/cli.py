@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -39,7 +39,7 @@ app = typer.Typer(
 log = logging.getLogger("simsearch")
 
 StoreOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--store",
         help="Store directory. Default: $SIMSEARCH_STORE, else the per-user data directory "
@@ -49,21 +49,24 @@ StoreOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 DeviceOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--device", help="cpu, cuda, cuda:N or mps. Default: cuda, then mps, then cpu."),
 ]
 WeightsOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--backbone-weights",
         help="ImageNet weights file for the vgg16 or resnet50 backbones when offline.",
-        exists=True, dir_okay=False, readable=True,
+        exists=True,
+        dir_okay=False,
+        readable=True,
     ),
 ]
 MaxPixelsOption = Annotated[
-    Optional[int],
+    int | None,
     typer.Option(
-        "--max-pixels", min=1,
+        "--max-pixels",
+        min=1,
         help="Skip images with more pixels than this (decompression-bomb limit). "
         "Default: $SIMSEARCH_MAX_PIXELS or 100,000,000.",
         show_default=False,
@@ -73,14 +76,20 @@ MaxPixelsOption = Annotated[
 
 def _configure_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=level, format="simsearch: %(levelname)s: %(message)s",
-                        stream=sys.stderr)
+    logging.captureWarnings(True)  # Pillow's EXIF warnings become log lines, not raw text
+    logging.basicConfig(
+        level=level, format="simsearch: %(levelname)s: %(message)s", stream=sys.stderr
+    )
 
 
 @app.callback()
 def main_options(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
-                                         help="More log output on stderr (-vv for debug).")] = 0,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, help="More log output on stderr (-vv for debug)."
+        ),
+    ] = 0,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     """Image similarity search with the Deep Ranking network."""
@@ -101,8 +110,9 @@ def _open(store: Path | None, *, write: bool) -> Collection:
     return Collection.open(resolve_store_dir(store), write=write)
 
 
-def _embedder_factory(device: str | None, backbone_weights: Path | None, max_pixels: int,
-                      precision: str = "auto") -> EmbedderFactory:
+def _embedder_factory(
+    device: str | None, backbone_weights: Path | None, max_pixels: int, precision: str = "auto"
+) -> EmbedderFactory:
     def factory(spec: str):
         from simsearch.embedding import Embedder
         from simsearch.model import load_model
@@ -122,8 +132,14 @@ class _Bar:
     def start(self, total: int, description: str) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, desc=description, unit="img", file=sys.stderr,
-                         disable=None, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total,
+            desc=description,
+            unit="img",
+            file=sys.stderr,
+            disable=None,
+            dynamic_ncols=True,
+        )
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -141,19 +157,30 @@ def _print_json(obj) -> None:
 
 @app.command()
 def index(
-    folders: Annotated[list[Path], typer.Argument(help="Folders (recursive) or image files.",
-                                                  show_default=False)],
+    folders: Annotated[
+        list[Path], typer.Argument(help="Folders (recursive) or image files.", show_default=False)
+    ],
     store: StoreOption = None,
-    model: Annotated[Optional[str], typer.Option(
-        "--model",
-        help="Builtin model name (convnet-efficientnet_lite0, convnet-vgg16, convnet-resnet50) "
-        "or a .safetensors checkpoint. Default: the store's model, or convnet-efficientnet_lite0.",
-    )] = None,
-    reindex: Annotated[bool, typer.Option(
-        "--reindex", help="Re-embed every image (needed to change the store's model).")] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Builtin model (convnet-efficientnet_lite0, convnet-vgg16, convnet-resnet50) "
+            "or a .safetensors checkpoint. Default: the store's model, else "
+            "convnet-efficientnet_lite0.",
+        ),
+    ] = None,
+    reindex: Annotated[
+        bool,
+        typer.Option(
+            "--reindex", help="Re-embed every image (needed to change the store's model)."
+        ),
+    ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = DEFAULT_BATCH_SIZE,
-    workers: Annotated[Optional[int], typer.Option(
-        "--workers", min=0, help="Decoding processes. Default: from the CPU count.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=0, help="Decoding processes. Default: from the CPU count."),
+    ] = None,
     device: DeviceOption = None,
     backbone_weights: WeightsOption = None,
     max_pixels: MaxPixelsOption = None,
@@ -168,13 +195,18 @@ def index(
 
     try:
         pixels = max_pixels or max_pixels_from_env()
-        settings = IndexSettings(batch_size=batch_size, workers=workers, device=device,
-                                 max_pixels=pixels)
+        settings = IndexSettings(
+            batch_size=batch_size, workers=workers, device=device, max_pixels=pixels
+        )
         with _open(store, write=True) as collection:
             summary = library.index_paths(
-                collection, [str(f) for f in folders],
+                collection,
+                [str(f) for f in folders],
                 embedder_factory=_embedder_factory(device, backbone_weights, pixels),
-                model=model, reindex=reindex, settings=settings, progress=_Bar(),
+                model=model,
+                reindex=reindex,
+                settings=settings,
+                progress=_Bar(),
             )
     except SimsearchError as exc:
         raise _fail(exc) from None
@@ -188,9 +220,13 @@ def index(
 
 @app.command()
 def query(
-    images: Annotated[list[str], typer.Argument(
-        help="Image files (indexed or not), or indexed images' ids or SHA-1s.",
-        show_default=False)],
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files (indexed or not), or indexed images' ids or SHA-1s.",
+            show_default=False,
+        ),
+    ],
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of neighbours.")] = 10,
     store: StoreOption = None,
     device: DeviceOption = None,
@@ -208,7 +244,9 @@ def query(
         pixels = max_pixels or max_pixels_from_env()
         with _open(store, write=False) as collection:
             results = library.query(
-                collection, images, k=k,
+                collection,
+                images,
+                k=k,
                 embedder_factory=_embedder_factory(device, backbone_weights, pixels),
             )
     except SimsearchError as exc:
@@ -244,9 +282,10 @@ def distance(
     try:
         with _open(store, write=False) as collection:
             result = library.distance(
-                collection, a, b,
-                embedder_factory=_embedder_factory(device, backbone_weights,
-                                                   max_pixels_from_env()),
+                collection,
+                a,
+                b,
+                embedder_factory=_embedder_factory(device, backbone_weights, max_pixels_from_env()),
             )
     except SimsearchError as exc:
         raise _fail(exc) from None
@@ -279,8 +318,10 @@ def info(store: StoreOption = None, as_json: JsonOption = False) -> None:
         ("indexed images", result.indexed),
         ("failed files", result.failed),
         ("awaiting embedding", result.awaiting),
-        ("index", f"{result.index_type}, {result.index_vectors} vectors"
-         if result.index_type else "none"),
+        (
+            "index",
+            f"{result.index_type}, {result.index_vectors} vectors" if result.index_type else "none",
+        ),
         ("database size", _size(result.database_bytes)),
         ("index size", _size(result.index_bytes)),
     ]
@@ -294,8 +335,9 @@ def info(store: StoreOption = None, as_json: JsonOption = False) -> None:
 
 @app.command()
 def remove(
-    paths: Annotated[list[str], typer.Argument(help="Files or folders to forget.",
-                                               show_default=False)],
+    paths: Annotated[
+        list[str], typer.Argument(help="Files or folders to forget.", show_default=False)
+    ],
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -198,11 +198,16 @@ class Collection:
         with self.store.session() as session:
             for root in roots:
                 prefix = root.rstrip(os.sep) + os.sep
-                # A range on the unique path index: `prefix` <= path < prefix with its last char + 1.
+                # A range scan on the unique path index: prefix <= path < prefix-with-last-char+1.
                 upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
                 query = select(
-                    Image.id, Image.path, Image.sha1, Image.size, Image.mtime_ns,
-                    Image.status, Image.model_id,
+                    Image.id,
+                    Image.path,
+                    Image.sha1,
+                    Image.size,
+                    Image.mtime_ns,
+                    Image.status,
+                    Image.model_id,
                 ).where(((Image.path >= prefix) & (Image.path < upper)) | (Image.path == root))
                 for row in session.execute(query):
                     result[row.path] = KnownFile(*row)
@@ -248,8 +253,9 @@ class Collection:
             rows = session.scalars(select(Image).where(Image.id.in_(list(ids))))
             return {row.id: row for row in rows}
 
-    def find_image(self, *, path: str | None = None, sha1: str | None = None,
-                   image_id: int | None = None) -> Image | None:
+    def find_image(
+        self, *, path: str | None = None, sha1: str | None = None, image_id: int | None = None
+    ) -> Image | None:
         """The indexed image with that path, SHA-1 (lowest id) or id."""
         query = select(Image).join(Embedding, Embedding.image_id == Image.id)
         if path is not None:
@@ -330,7 +336,10 @@ class Collection:
             raise
 
     def _write_record(
-        self, session: Session, record: ImageRecord, model: tuple[str, str, int] | None,
+        self,
+        session: Session,
+        record: ImageRecord,
+        model: tuple[str, str, int] | None,
         generation: int,
     ) -> tuple[int, bool]:
         """Insert or overwrite a row; returns its id and whether it lost its old vector."""
@@ -338,8 +347,12 @@ class Collection:
         if indexed and model is None:
             raise StoreError("internal: set the store's model before adding vectors")
         values = dict(
-            path=record.path, sha1=record.sha1, size=record.size, mtime_ns=record.mtime_ns,
-            width=record.width, height=record.height,
+            path=record.path,
+            sha1=record.sha1,
+            size=record.size,
+            mtime_ns=record.mtime_ns,
+            width=record.width,
+            height=record.height,
             model_id=model[0] if indexed and model else None,
             status=STATUS_INDEXED if indexed else STATUS_FAILED,
             error=None if indexed else record.error,
@@ -363,8 +376,9 @@ class Collection:
                     f"internal: vector of shape {record.vector.shape} for a store of dim {model[2]}"
                 )
             session.merge(
-                Embedding(image_id=image_id, generation=generation,
-                          vector=encode_vector(record.vector))
+                Embedding(
+                    image_id=image_id, generation=generation, vector=encode_vector(record.vector)
+                )
             )
             return image_id, False
         embedding = session.get(Embedding, image_id)

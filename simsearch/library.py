@@ -108,8 +108,9 @@ def reindex_command(roots: Sequence[str], store: Path, model: str | None = None)
     return f"simsearch index {folders} --store {store}{model_part} --reindex"
 
 
-def _check_embedder(embedder: EmbedderLike, expected_id: str, collection: Collection,
-                    roots: Sequence[str]) -> None:
+def _check_embedder(
+    embedder: EmbedderLike, expected_id: str, collection: Collection, roots: Sequence[str]
+) -> None:
     if embedder.model_id != expected_id:
         raise ModelMismatchError(
             f"the store {collection.root} holds vectors of model {expected_id}, but "
@@ -126,11 +127,12 @@ def index_paths(
     embedder_factory: EmbedderFactory,
     model: str | None = None,
     reindex: bool = False,
-    settings: IndexSettings = IndexSettings(),
+    settings: IndexSettings | None = None,
     progress: Progress | None = None,
 ) -> IndexSummary:
     """Bring the store up to date with the image files under `roots` (recursive, incremental)."""
     started = time.monotonic()
+    settings = settings or IndexSettings()
     progress = progress or NoProgress()
     root_paths = [os.path.abspath(os.fspath(r)) for r in roots]
     embedder = _prepare_model(collection, root_paths, embedder_factory, model, reindex)
@@ -165,7 +167,8 @@ def index_paths(
 
     # Hash what is new or changed: unchanged content, moves and copies keep their vectors.
     gone_by_sha1 = {
-        row.sha1: row for row in gone.values()
+        row.sha1: row
+        for row in gone.values()
         if row.sha1 and row.status == STATUS_INDEXED and row.model_id == model_id
     }
     hashed: list[tuple[FileEntry, KnownFile | None, str]] = []
@@ -175,7 +178,13 @@ def index_paths(
             try:
                 hashed.append((entry, row, sha1_file(entry.path)))
             except OSError as exc:
-                _record_failure(summary, changes, entry.path, f"cannot read the file: {exc}", entry)
+                _record_failure(
+                    summary,
+                    changes,
+                    entry.path,
+                    f"cannot read the file: {exc.strerror or exc}",
+                    entry,
+                )
             progress.advance()
         progress.close()
     copies_of = collection.indexed_by_sha1(
@@ -186,7 +195,9 @@ def index_paths(
     copies: list[tuple[FileEntry, KnownFile | None, str, int]] = []
     for entry, row, sha1 in hashed:
         if (
-            row is not None and row.status == STATUS_INDEXED and row.model_id == model_id
+            row is not None
+            and row.status == STATUS_INDEXED
+            and row.model_id == model_id
             and row.sha1 == sha1
         ):
             changes.moves.append(Move(row.id, entry.path, entry.size, entry.mtime_ns))
@@ -226,8 +237,11 @@ def index_paths(
 
 
 def _prepare_model(
-    collection: Collection, roots: Sequence[str], factory: EmbedderFactory,
-    model: str | None, reindex: bool,
+    collection: Collection,
+    roots: Sequence[str],
+    factory: EmbedderFactory,
+    model: str | None,
+    reindex: bool,
 ) -> EmbedderLike | None:
     """Decide the run's model; load it now only when its id must be known up front."""
     current = collection.model()
@@ -249,12 +263,24 @@ def _prepare_model(
     return embedder
 
 
-def _record(entry: FileEntry, row: KnownFile | None, sha1: str | None,
-            vector: np.ndarray | None, width: int | None, height: int | None,
-            error: str | None = None) -> ImageRecord:
+def _record(
+    entry: FileEntry,
+    row: KnownFile | None,
+    sha1: str | None,
+    vector: np.ndarray | None,
+    width: int | None,
+    height: int | None,
+    error: str | None = None,
+) -> ImageRecord:
     return ImageRecord(
-        path=entry.path, sha1=sha1, size=entry.size, mtime_ns=entry.mtime_ns,
-        width=width, height=height, vector=vector, error=error,
+        path=entry.path,
+        sha1=sha1,
+        size=entry.size,
+        mtime_ns=entry.mtime_ns,
+        width=width,
+        height=height,
+        vector=vector,
+        error=error,
         id=row.id if row is not None else None,
     )
 
@@ -266,36 +292,50 @@ def _count_new(summary: IndexSummary, row: KnownFile | None) -> None:
         summary.added += 1
 
 
-def _record_failure(summary: IndexSummary, changes: Changes, path: str, reason: str,
-                    entry: FileEntry | None, sha1: str | None = None) -> None:
+def _record_failure(
+    summary: IndexSummary,
+    changes: Changes,
+    path: str,
+    reason: str,
+    entry: FileEntry | None,
+    sha1: str | None = None,
+) -> None:
     summary.failures.append(Failure(path, reason))
     changes.records.append(
         ImageRecord(
-            path=path, sha1=sha1, size=entry.size if entry else None,
-            mtime_ns=entry.mtime_ns if entry else None, error=reason,
+            path=path,
+            sha1=sha1,
+            size=entry.size if entry else None,
+            mtime_ns=entry.mtime_ns if entry else None,
+            error=reason,
         )
     )
 
 
 def _embed(
-    collection: Collection, embedder: EmbedderLike,
-    jobs: list[tuple[FileEntry, KnownFile | None, str]], summary: IndexSummary,
-    settings: IndexSettings, progress: Progress,
+    collection: Collection,
+    embedder: EmbedderLike,
+    jobs: list[tuple[FileEntry, KnownFile | None, str]],
+    summary: IndexSummary,
+    settings: IndexSettings,
+    progress: Progress,
 ) -> None:
     progress.start(len(jobs), "embedding")
     last_save = time.monotonic()
     try:
         batches = embedder.embed_files(
             [entry.path for entry, _, _ in jobs],
-            batch_size=settings.batch_size, workers=settings.workers,
+            batch_size=settings.batch_size,
+            workers=settings.workers,
         )
         for batch in batches:
             changes = Changes()
             for result in batch:
                 entry, row, sha1 = jobs[result.position]
                 if result.vector is None:
-                    _record_failure(summary, changes, entry.path, result.error or "unknown error",
-                                    entry, sha1)
+                    _record_failure(
+                        summary, changes, entry.path, result.error or "unknown error", entry, sha1
+                    )
                     continue
                 changes.records.append(
                     _record(entry, row, sha1, result.vector, result.width, result.height)
@@ -337,8 +377,9 @@ class _Resolved:
     path: str | None = None  # a file to embed
 
 
-def _resolve(collection: Collection, texts: Sequence[str], factory: EmbedderFactory
-             ) -> list[_Resolved]:
+def _resolve(
+    collection: Collection, texts: Sequence[str], factory: EmbedderFactory
+) -> list[_Resolved]:
     """Turn each query text (file, id or SHA-1) into a vector, embedding files in one batch."""
     model = collection.model()
     if model is None:
@@ -368,7 +409,9 @@ def _resolve(collection: Collection, texts: Sequence[str], factory: EmbedderFact
         elif text.isdigit():
             row = collection.find_image(image_id=int(text))
             if row is None:
-                raise InputError(f"no indexed image has id {text}; `simsearch info` shows the store")
+                raise InputError(
+                    f"no indexed image has id {text}; `simsearch info` shows the store"
+                )
             item.image_id = row.id
         elif SHA1_PATTERN.match(text):
             row = collection.find_image(sha1=text)
@@ -384,7 +427,7 @@ def _resolve(collection: Collection, texts: Sequence[str], factory: EmbedderFact
     indexed = [item for item in resolved if item.image_id is not None]
     if indexed:
         vectors = collection.index().reconstruct([item.image_id for item in indexed])
-        for item, vector in zip(indexed, vectors):
+        for item, vector in zip(indexed, vectors, strict=True):
             item.vector = vector
     files = [item for item in resolved if item.path is not None]
     if files:
@@ -400,7 +443,10 @@ def _resolve(collection: Collection, texts: Sequence[str], factory: EmbedderFact
 
 
 def query(
-    collection: Collection, queries: Sequence[str], *, k: int = 10,
+    collection: Collection,
+    queries: Sequence[str],
+    *,
+    k: int = 10,
     embedder_factory: EmbedderFactory,
 ) -> list[QueryResult]:
     """The k nearest indexed images of each query (file, id or SHA-1), nearest first."""
@@ -412,8 +458,12 @@ def query(
     distances, ids = index.search(matrix, k + 1)
     rows = collection.images(sorted({int(i) for i in ids.ravel() if i >= 0}))
     results = []
-    for item, row_d, row_i in zip(resolved, distances, ids):
-        pairs = [(float(d), int(i)) for d, i in zip(row_d, row_i) if i >= 0 and int(i) in rows]
+    for item, row_d, row_i in zip(resolved, distances, ids, strict=True):
+        pairs = [
+            (float(d), int(i))
+            for d, i in zip(row_d, row_i, strict=True)
+            if i >= 0 and int(i) in rows
+        ]
         # The query image itself comes first among equal distances.
         pairs.sort(key=lambda p: (p[0], p[1] != item.image_id, p[1]))
         neighbors = [
@@ -435,8 +485,9 @@ class DistanceResult:
         return asdict(self)
 
 
-def distance(collection: Collection, a: str, b: str, *, embedder_factory: EmbedderFactory
-             ) -> DistanceResult:
+def distance(
+    collection: Collection, a: str, b: str, *, embedder_factory: EmbedderFactory
+) -> DistanceResult:
     """Euclidean distance (0..2) and cosine similarity between two unit embeddings."""
     first, second = _resolve(collection, [a, b], embedder_factory)
     va = first.vector.astype(np.float64)

@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from badfiles import make_jpeg
 from fakes import FakeFactory
 
@@ -22,8 +21,9 @@ def photos(tmp_path: Path) -> Path:
     for i in range(12):
         sub = root / ("a" if i < 6 else "b")
         sub.mkdir(parents=True, exist_ok=True)
-        make_jpeg(sub / f"img{i:02d}.jpg", size=(64, 48), seed=i,
-                  color=(20 * i % 256, 255 - 15 * i, 90))
+        make_jpeg(
+            sub / f"img{i:02d}.jpg", size=(64, 48), seed=i, color=(20 * i % 256, 255 - 15 * i, 90)
+        )
     return root
 
 

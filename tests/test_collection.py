@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from consistency import assert_consistent
+
 from simsearch.collection import Changes, Collection, ImageRecord, index_file_name
 from simsearch.errors import ModelMismatchError
 
@@ -18,8 +18,16 @@ def unit(seed: int, dim: int = 8) -> np.ndarray:
 
 
 def record(i: int, **kw) -> ImageRecord:
-    return ImageRecord(path=f"/photos/{i}.jpg", sha1=f"{i:040x}", size=100 + i, mtime_ns=i,
-                       width=10, height=10, vector=unit(i), **kw)
+    return ImageRecord(
+        path=f"/photos/{i}.jpg",
+        sha1=f"{i:040x}",
+        size=100 + i,
+        mtime_ns=i,
+        width=10,
+        height=10,
+        vector=unit(i),
+        **kw,
+    )
 
 
 def new_store(store_dir: Path, n: int = 10) -> None:
@@ -63,7 +71,7 @@ def test_changes_committed_without_saving_the_index_are_caught_up(store_dir):
 def test_damaged_or_missing_index_file_is_rebuilt_from_stored_vectors(store_dir, damage):
     new_store(store_dir)
     with Collection.open(store_dir, write=False) as c:
-        (_, path), = c.index_files()
+        ((_, path),) = c.index_files()
     if damage == "garbage":
         path.write_bytes(b"not a faiss index at all")
     elif damage == "truncate":
@@ -76,7 +84,7 @@ def test_damaged_or_missing_index_file_is_rebuilt_from_stored_vectors(store_dir,
 def test_index_file_from_a_later_generation_is_never_used(store_dir):
     new_store(store_dir)
     with Collection.open(store_dir, write=False) as c:
-        (generation, path), = c.index_files()
+        ((generation, path),) = c.index_files()
     # A file claiming a generation the database has not reached (e.g. restored backup).
     path.rename(path.with_name(index_file_name(generation + 5)))
     with Collection.open(store_dir, write=True) as c:

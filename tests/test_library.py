@@ -6,12 +6,12 @@ import os
 import shutil
 from pathlib import Path
 
+import badfiles
 import numpy as np
 import pytest
-
-import badfiles
 from consistency import assert_consistent
 from fakes import FakeFactory
+
 from simsearch import library
 from simsearch.collection import Collection
 from simsearch.errors import InputError, ModelMismatchError, StoreError, StoreLockedError
@@ -197,7 +197,11 @@ def test_query_by_id_sha1_and_unindexed_file_share_one_model_load(photos, store_
     assert len(factory.loads) == 1
     assert [r.results[0].id for r in results[:2]] == [row.id, row.id]
     assert results[0].to_dict()["results"][0] == {
-        "rank": 1, "id": row.id, "path": str(path), "sha1": row.sha1, "distance": 0.0,
+        "rank": 1,
+        "id": row.id,
+        "path": str(path),
+        "sha1": row.sha1,
+        "distance": 0.0,
     }
     assert len(results[3].results) == 2
 
@@ -215,8 +219,11 @@ def test_query_of_a_copy_outside_the_store_uses_the_stored_vector(photos, store_
 
 @pytest.mark.parametrize(
     "text, words",
-    [("no/such/file.jpg", "not an existing file"), ("987654", "no indexed image has id"),
-     ("a" * 40, "no indexed image has SHA-1")],
+    [
+        ("no/such/file.jpg", "not an existing file"),
+        ("987654", "no indexed image has id"),
+        ("a" * 40, "no indexed image has SHA-1"),
+    ],
 )
 def test_query_of_something_missing_is_a_clear_error(photos, store_dir, text, words):
     run_index(store_dir, [photos], FakeFactory())

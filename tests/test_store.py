@@ -73,7 +73,9 @@ def test_alembic_cli_check_from_the_checkout():
     try:
         for args in (["upgrade", "head"], ["check"]):
             result = subprocess.run(
-                [sys.executable, "-m", "alembic", *args], cwd=REPO, capture_output=True,
+                [sys.executable, "-m", "alembic", *args],
+                cwd=REPO,
+                capture_output=True,
                 text=True,
             )
             assert result.returncode == 0, result.stdout + result.stderr
@@ -101,16 +103,37 @@ def test_migrations_ship_inside_the_wheel(tmp_path, store_dir):
     """An installed wheel (no checkout) still finds its migrations and can create a store."""
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(wheels), str(REPO)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = wheels.glob("simsearch-*.whl")
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-         str(wheel)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
     )
     code = (
         "import sys; from simsearch.store import Store, migrations_dir; "
@@ -118,8 +141,11 @@ def test_migrations_ship_inside_the_wheel(tmp_path, store_dir):
         "create=True).close()"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, str(store_dir)], cwd=tmp_path, capture_output=True,
-        text=True, env={**os.environ, "PYTHONPATH": str(target)},
+        [sys.executable, "-c", code, str(store_dir)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(target)},
     )
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).is_relative_to(target)

@@ -1,0 +1,82 @@
+"""SIGKILL a real `simsearch index` midway: the next run finishes and the store is consistent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import badfiles
+import pytest
+from consistency import assert_consistent
+
+pytestmark = pytest.mark.slow
+
+
+def vector_count(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute("select count(*) from embeddings").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.parametrize("kill_after", [0, 24])
+def test_killed_index_run_is_finished_by_the_next_run(tmp_path, kill_after):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(160):
+        badfiles.make_jpeg(
+            photos / f"p{i:03d}.jpg",
+            size=(40, 30),
+            seed=i,
+            color=(i % 256, (7 * i) % 256, (13 * i) % 256),
+        )
+    store = tmp_path / "store"
+    command = [
+        sys.executable,
+        "-m",
+        "simsearch",
+        "index",
+        str(photos),
+        "--store",
+        str(store),
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--json",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    db = store / "simsearch.db"
+    deadline = time.monotonic() + 120
+
+    def ready() -> bool:
+        return vector_count(db) >= kill_after if kill_after else db.exists()
+
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = vector_count(db)
+    assert done_before < 160, "the run finished before it could be killed"
+
+    # Even before the next run, a reader sees a consistent store.
+    if done_before:
+        assert len(assert_consistent(store)) == done_before
+
+    finish = subprocess.run(command, capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    summary = json.loads(finish.stdout)
+    assert summary["added"] + summary["unchanged"] == 160
+    assert summary["failed"] == 0
+    assert len(assert_consistent(store)) == 160
+    assert [p.name for p in store.glob("*.faiss")] != []
+    assert not list(store.glob(".*.tmp"))

@@ -13,6 +13,7 @@ its own preprocessing.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from simsearch.model.backbones import Backbone, create_backbone
 from simsearch.model.config import ModelConfig
 
 
-class EmbeddingModel(nn.Module):
+class EmbeddingModel(nn.Module, abc.ABC):
     """Raw pixels (n, 3, H, W) in 0..255 -> (n, embedding_dim) float32 unit vectors."""
 
     def __init__(self, config: ModelConfig, backbone: Backbone) -> None:
@@ -47,13 +48,13 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"expected images of shape (n, 3, H, W), got {tuple(images.shape)}")
         return images.float() * self.pixel_scale + self.pixel_shift
 
+    @abc.abstractmethod
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised pixels -> the features before the head."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Features -> unit vectors (float32 even under autocast)."""
-        raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(self.normalize_pixels(images)))

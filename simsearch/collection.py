@@ -62,6 +62,7 @@ class KnownFile:
     mtime_ns: int | None
     status: str
     model_id: str | None
+    error: str | None
 
 
 @dataclass(slots=True)
@@ -208,6 +209,7 @@ class Collection:
                     Image.mtime_ns,
                     Image.status,
                     Image.model_id,
+                    Image.error,
                 ).where(((Image.path >= prefix) & (Image.path < upper)) | (Image.path == root))
                 for row in session.execute(query):
                     result[row.path] = KnownFile(*row)
@@ -320,7 +322,11 @@ class Collection:
                 if record.vector is not None:
                     vector_ids.append(image_id)
                     vectors.append(record.vector)
-            self.store.set_setting(session, KEY_GENERATION, str(generation))
+            vectors_changed = bool(changes.removals or dropped or vector_ids)
+            if vectors_changed:  # metadata-only changes keep the saved index file current
+                self.store.set_setting(session, KEY_GENERATION, str(generation))
+        if not vectors_changed:
+            return
         # Mirror the committed transaction; on any error fall back to a rebuild next time.
         try:
             if index is not None:

@@ -19,9 +19,9 @@ import numpy as np
 
 from simsearch.collection import Changes, Collection, ImageRecord, KnownFile, Move
 from simsearch.config import IndexSettings
-from simsearch.errors import InputError, ModelMismatchError, SimsearchError
-from simsearch.images import FileEntry, Skipped, discover, sha1_file
-from simsearch.store import STATUS_INDEXED
+from simsearch.errors import ImageError, InputError, ModelMismatchError, SimsearchError
+from simsearch.images import FileEntry, Skipped, decode_image, discover, sha1_file
+from simsearch.store import STATUS_FAILED, STATUS_INDEXED
 
 log = logging.getLogger(__name__)
 
@@ -139,28 +139,32 @@ def index_paths(
     model_id, model_spec, _dim = collection.model() or (embedder.model_id, embedder.spec, 0)
     summary = IndexSummary(store=str(collection.root), model_id=model_id)
 
+    known = collection.known_files(root_paths)
     entries: list[FileEntry] = []
     changes = Changes()
     seen: set[str] = set()
     for item in discover(root_paths, exclude=[collection.root]):
         seen.add(item.path)
         if isinstance(item, Skipped):
-            _record_failure(summary, changes, item.path, item.reason, None)
+            _record_failure(summary, changes, item.path, item.reason, None, known=known)
         else:
             entries.append(item)
 
-    known = collection.known_files(root_paths)
     to_check: list[tuple[FileEntry, KnownFile | None]] = []
     for entry in entries:
         row = known.get(entry.path)
-        if (
-            row is not None
-            and row.status == STATUS_INDEXED
-            and row.model_id == model_id
-            and row.size == entry.size
-            and row.mtime_ns == entry.mtime_ns
-        ):
+        same_file = row is not None and (row.size, row.mtime_ns) == (entry.size, entry.mtime_ns)
+        if same_file and row.status == STATUS_INDEXED and row.model_id == model_id:
             summary.unchanged += 1
+        elif same_file and row.status == STATUS_FAILED:
+            # Tried again (the limits or permissions may have changed), but decoded here
+            # first so that files that still fail never load the model.
+            try:
+                decode_image(entry.path, max_pixels=settings.max_pixels)
+            except ImageError as exc:
+                _record_failure(summary, changes, entry.path, str(exc), entry, known=known)
+            else:
+                to_check.append((entry, row))
         else:
             to_check.append((entry, row))
     gone = {path: row for path, row in known.items() if path not in seen}
@@ -299,8 +303,13 @@ def _record_failure(
     reason: str,
     entry: FileEntry | None,
     sha1: str | None = None,
+    known: dict[str, KnownFile] | None = None,
 ) -> None:
+    """Count and report a failure; write it to the store unless it is already recorded."""
     summary.failures.append(Failure(path, reason))
+    row = known.get(path) if known else None
+    if row is not None and row.status == STATUS_FAILED and row.error == reason:
+        return
     changes.records.append(
         ImageRecord(
             path=path,

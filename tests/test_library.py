@@ -138,8 +138,16 @@ def test_bad_files_are_skipped_recorded_and_counted(photos, store_dir):
         stored = {row.path: row.error for row in c.failures()}
     assert set(stored) == set(made) | {escaped}
     assert_consistent(store_dir)
-    # Failed files are tried again on the next run and still counted.
-    assert run_index(store_dir, [photos], FakeFactory()).failed == 7
+    # Failed files are checked again on the next run and still counted, without loading the
+    # model and without rewriting their rows.
+    again = FakeFactory()
+    with Collection.open(store_dir, write=False) as c:
+        generation = c.generation()
+    second = run_index(store_dir, [photos], again)
+    assert (second.failed, second.unchanged, again.loads) == (7, 12, [])
+    assert {f.path: f.reason for f in second.failures} == reasons
+    with Collection.open(store_dir, write=False) as c:
+        assert c.generation() == generation
 
 
 def test_unreadable_file_is_reported(photos, store_dir, monkeypatch):

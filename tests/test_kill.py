@@ -80,3 +80,45 @@ def test_killed_index_run_is_finished_by_the_next_run(tmp_path, kill_after):
     assert len(assert_consistent(store)) == 160
     assert [p.name for p in store.glob("*.faiss")] != []
     assert not list(store.glob(".*.tmp"))
+
+
+def test_queries_keep_working_while_an_index_run_writes(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(160):
+        badfiles.make_jpeg(photos / f"p{i:03d}.jpg", size=(40, 30), seed=i)
+    store = tmp_path / "store"
+    base = [sys.executable, "-m", "simsearch"]
+    first = subprocess.run(
+        [*base, "index", str(photos / "p000.jpg"), "--store", str(store)],
+        capture_output=True,
+        text=True,
+    )
+    assert first.returncode == 0, first.stderr
+    proc = subprocess.Popen(
+        [*base, "index", str(photos), "--store", str(store), "--batch-size", "4", "--workers", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while vector_count(store / "simsearch.db") < 20:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        query = subprocess.run(
+            [*base, "query", "1", "-k", "5", "--store", str(store), "--json"],
+            capture_output=True,
+            text=True,
+        )
+        writer = subprocess.run(
+            [*base, "remove", str(photos), "--store", str(store)], capture_output=True, text=True
+        )
+        assert proc.poll() is None, "the index run ended before the concurrent calls"
+    finally:
+        proc.wait(timeout=120)
+    assert query.returncode == 0, query.stderr
+    results = json.loads(query.stdout)["results"]
+    assert results[0]["id"] == 1 and results[0]["distance"] == 0.0
+    assert len(results) == 5
+    assert writer.returncode == 3 and "another simsearch process" in writer.stderr
+    assert len(assert_consistent(store)) == 160

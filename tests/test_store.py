@@ -150,3 +150,43 @@ def test_migrations_ship_inside_the_wheel(tmp_path, store_dir):
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).is_relative_to(target)
     assert (store_dir / "simsearch.db").exists()
+
+
+def test_a_migration_that_dies_midway_leaves_nothing_half_done(store_dir, monkeypatch):
+    """DDL runs inside one real transaction: a crash rolls every table back."""
+    from alembic import command as alembic_command
+
+    real_upgrade = alembic_command.upgrade
+
+    def upgrade_then_die(cfg, revision):
+        real_upgrade(cfg, revision)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(alembic_command, "upgrade", upgrade_then_die)
+    with pytest.raises(StoreError, match="killed"):
+        Store.open(store_dir, create=True)
+    with sqlite3.connect(store_dir / "simsearch.db") as conn:
+        tables = [r[0] for r in conn.execute("select name from sqlite_master where type='table'")]
+    assert tables == []
+    monkeypatch.undo()
+    Store.open(store_dir, create=True).close()
+
+
+def test_a_read_transaction_sees_one_snapshot(store_dir):
+    from sqlalchemy import func, select
+
+    from simsearch.store import Setting
+
+    writer, reader = Store.open(store_dir, create=True), Store.open(store_dir, create=False)
+    try:
+        with reader.session() as session:
+            count = lambda: session.scalar(select(func.count()).select_from(Setting))  # noqa: E731
+            assert count() == 0
+            with writer.session() as w:
+                writer.set_setting(w, "k", "v")
+            assert count() == 0  # the writer's commit is invisible inside this transaction
+        with reader.session() as session:
+            assert session.scalar(select(func.count()).select_from(Setting)) == 1
+    finally:
+        writer.close()
+        reader.close()

@@ -52,6 +52,10 @@ def head_revision() -> str | None:
 
 
 def _set_sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record) -> None:
+    # Python's sqlite3 (before 3.12) neither wraps DDL nor SELECTs in transactions: turn its
+    # own handling off and let SQLAlchemy's BEGIN (below) make every transaction real, so a
+    # migration killed midway rolls back and a read sees one snapshot.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL: readers (queries) keep working while `index` writes.
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -59,6 +63,10 @@ def _set_sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _begin(connection) -> None:
+    connection.exec_driver_sql("BEGIN")
 
 
 class Store:
@@ -94,6 +102,7 @@ class Store:
                 ) from exc
         engine = create_engine(f"sqlite:///{db_path}")
         event.listen(engine, "connect", _set_sqlite_pragmas)
+        event.listen(engine, "begin", _begin)
         store = cls(root, engine)
         try:
             store._migrate()

@@ -6,7 +6,6 @@ Heavy imports (torch, faiss) happen inside the commands so that `--help` is inst
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +14,19 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from simsearch import __version__
+from simsearch.commands._common import (
+    DeviceOption,
+    JsonOption,
+    MaxPixelsOption,
+    ProgressBar,
+    StoreOption,
+    WeightsOption,
+    embedder_factory,
+    fail,
+    print_json,
+)
+from simsearch.commands.evaluate import evaluate
+from simsearch.commands.triplets import app as triplets_app
 from simsearch.config import (
     DEFAULT_BATCH_SIZE,
     IndexSettings,
@@ -25,7 +37,6 @@ from simsearch.errors import SimsearchError
 
 if TYPE_CHECKING:
     from simsearch.collection import Collection
-    from simsearch.library import EmbedderFactory
 
 app = typer.Typer(
     help="Image similarity search with the Deep Ranking network.\n\n"
@@ -37,41 +48,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = logging.getLogger("simsearch")
-
-StoreOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--store",
-        help="Store directory. Default: $SIMSEARCH_STORE, else the per-user data directory "
-        "(~/.local/share/simsearch/store on Linux).",
-        show_default=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-DeviceOption = Annotated[
-    str | None,
-    typer.Option("--device", help="cpu, cuda, cuda:N or mps. Default: cuda, then mps, then cpu."),
-]
-WeightsOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--backbone-weights",
-        help="ImageNet weights file for the vgg16 or resnet50 backbones when offline.",
-        exists=True,
-        dir_okay=False,
-        readable=True,
-    ),
-]
-MaxPixelsOption = Annotated[
-    int | None,
-    typer.Option(
-        "--max-pixels",
-        min=1,
-        help="Skip images with more pixels than this (decompression-bomb limit). "
-        "Default: $SIMSEARCH_MAX_PIXELS or 100,000,000.",
-        show_default=False,
-    ),
-]
 
 
 def _configure_logging(verbose: int) -> None:
@@ -99,60 +75,10 @@ def main_options(
         raise typer.Exit()
 
 
-def _fail(exc: SimsearchError) -> typer.Exit:
-    typer.echo(f"simsearch: error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
-
-
 def _open(store: Path | None, *, write: bool) -> Collection:
     from simsearch.collection import Collection
 
     return Collection.open(resolve_store_dir(store), write=write)
-
-
-def _embedder_factory(
-    device: str | None, backbone_weights: Path | None, max_pixels: int, precision: str = "auto"
-) -> EmbedderFactory:
-    def factory(spec: str):
-        from simsearch.embedding import Embedder
-        from simsearch.model import load_model
-
-        model = load_model(spec, backbone_weights=backbone_weights)
-        return Embedder(model, device=device, precision=precision, max_pixels=max_pixels)
-
-    return factory
-
-
-class _Bar:
-    """A tqdm progress bar on stderr, hidden when stderr is not a terminal."""
-
-    def __init__(self) -> None:
-        self._bar = None
-
-    def start(self, total: int, description: str) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(
-            total=total,
-            desc=description,
-            unit="img",
-            file=sys.stderr,
-            disable=None,
-            dynamic_ncols=True,
-        )
-
-    def advance(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-def _print_json(obj) -> None:
-    typer.echo(json.dumps(obj, ensure_ascii=False))
 
 
 @app.command()
@@ -202,16 +128,16 @@ def index(
             summary = library.index_paths(
                 collection,
                 [str(f) for f in folders],
-                embedder_factory=_embedder_factory(device, backbone_weights, pixels),
+                embedder_factory=embedder_factory(device, backbone_weights, pixels),
                 model=model,
                 reindex=reindex,
                 settings=settings,
-                progress=_Bar(),
+                progress=ProgressBar(),
             )
     except SimsearchError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
-        _print_json(summary.to_dict())
+        print_json(summary.to_dict())
         return
     for failure in summary.failures:
         typer.echo(f"skipped {failure.path}: {failure.reason}", err=True)
@@ -247,13 +173,13 @@ def query(
                 collection,
                 images,
                 k=k,
-                embedder_factory=_embedder_factory(device, backbone_weights, pixels),
+                embedder_factory=embedder_factory(device, backbone_weights, pixels),
             )
     except SimsearchError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     for number, result in enumerate(results):
         if as_json:
-            _print_json(result.to_dict())
+            print_json(result.to_dict())
             continue
         if number:
             typer.echo("")
@@ -285,12 +211,12 @@ def distance(
                 collection,
                 a,
                 b,
-                embedder_factory=_embedder_factory(device, backbone_weights, max_pixels_from_env()),
+                embedder_factory=embedder_factory(device, backbone_weights, max_pixels_from_env()),
             )
     except SimsearchError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
     else:
         typer.echo(f"distance {result.distance:.6f}  cosine {result.cosine:.6f}")
 
@@ -307,9 +233,9 @@ def info(store: StoreOption = None, as_json: JsonOption = False) -> None:
         with _open(store, write=False) as collection:
             result = library.info(collection)
     except SimsearchError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     rows = [
         ("store", result.store),
@@ -351,9 +277,9 @@ def remove(
         with _open(store, write=True) as collection:
             result = library.remove(collection, paths)
     except SimsearchError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     for path in result.not_found:
         typer.echo(f"not in the store: {path}", err=True)
@@ -367,6 +293,10 @@ def _size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+app.command()(evaluate)
+app.add_typer(triplets_app, name="triplets")
 
 
 def main() -> None:

@@ -19,7 +19,16 @@ from simsearch.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples" / "images"
-COMMANDS = ["index", "query", "distance", "info", "remove"]
+COMMANDS = [
+    "index",
+    "query",
+    "distance",
+    "info",
+    "remove",
+    "evaluate",
+    "triplets fetch",
+    "triplets import",
+]
 
 
 @pytest.fixture
@@ -34,7 +43,7 @@ def invoke(runner: CliRunner, *args: str):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_with_an_example(runner, command):
-    result = invoke(runner, command, "--help")
+    result = invoke(runner, *command.split(), "--help")
     assert result.exit_code == 0
     assert "Example: simsearch " + command in " ".join(result.output.split())
 

@@ -1,0 +1,1 @@
+"""Sub-command groups of the `simsearch` command, each a Typer app registered by cli.py."""

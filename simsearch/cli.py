@@ -26,6 +26,7 @@ from simsearch.commands._common import (
     print_json,
 )
 from simsearch.commands.evaluate import evaluate
+from simsearch.commands.train import sample, train
 from simsearch.commands.triplets import app as triplets_app
 from simsearch.config import (
     DEFAULT_BATCH_SIZE,
@@ -296,6 +297,8 @@ def _size(n: int) -> str:
 
 
 app.command()(evaluate)
+app.command()(train)
+triplets_app.command("sample")(sample)
 app.add_typer(triplets_app, name="triplets")
 
 

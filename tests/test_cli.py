@@ -28,6 +28,8 @@ COMMANDS = [
     "evaluate",
     "triplets fetch",
     "triplets import",
+    "triplets sample",
+    "train",
 ]
 
 

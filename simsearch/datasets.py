@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, unquote_plus, urlsplit
 
 from filelock import FileLock, Timeout
@@ -43,7 +43,9 @@ from filelock import FileLock, Timeout
 from simsearch import __version__
 from simsearch.config import DEFAULT_MAX_PIXELS
 from simsearch.errors import ImageError, InputError
+from simsearch.fileio import atomic_write
 from simsearch.images import IMAGE_EXTENSIONS, decode_image
+from simsearch.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -302,28 +304,11 @@ def _record_from_dict(data: dict[str, Any]) -> TripletRecord:
 def _write_manifest(directory: Path, records: Iterable[TripletRecord]) -> None:
     """Atomically (temp file, fsync, rename): a reader or a killed run never sees half of it."""
     lines = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / MANIFEST_NAME)
-    except BaseException:
-        _unlink(Path(tmp))
-        raise
+    atomic_write(directory / MANIFEST_NAME, lines)
 
 
 # ---------------------------------------------------------------------------------------------
 # summaries
-
-
-class Progress(Protocol):
-    """A progress display; the CLI draws a bar on stderr, the library only reports counts."""
-
-    def start(self, total: int, description: str) -> None: ...
-    def advance(self, n: int = 1) -> None: ...
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from simsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PIXELS
 from simsearch.edits import KINDS, make_copies
 from simsearch.errors import ImageError, InputError
 from simsearch.images import FileEntry, Skipped, decode_image, discover
+from simsearch.progress import NoProgress, Progress
 
 log = logging.getLogger(__name__)
 
@@ -448,23 +449,6 @@ class EmbedderLike(Protocol):
 EmbedderFactory = Callable[[str], EmbedderLike]
 
 
-class Progress(Protocol):
-    def start(self, total: int, description: str) -> None: ...
-    def advance(self, n: int = 1) -> None: ...
-    def close(self) -> None: ...
-
-
-class _NoProgress:
-    def start(self, total: int, description: str) -> None:
-        pass
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 @dataclass
 class ModelEvaluation:
     """One model's figures; a benchmark that was not asked for is None."""
@@ -528,7 +512,7 @@ def evaluate(
     if triplets is None and classes is None and copies is None:
         raise InputError("nothing to evaluate on; give --triplets, --classes and/or --copies")
     ks = _check_ks(ks)
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     paths = _unique_paths(triplets, classes, copies)
     failed: dict[str, str] = {}
     results: list[ModelEvaluation] = []

@@ -32,6 +32,7 @@ import numpy as np
 from faiss.contrib.factory_tools import reverse_index_factory
 
 from simsearch.errors import SimsearchError, StoreError
+from simsearch.fileio import fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ def _write_atomic(index: faiss.Index, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(directory)
+        fsync_directory(directory)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -315,17 +316,6 @@ def _write_atomic(index: faiss.Index, path: Path) -> None:
                 f"space and write permission in {directory}"
             ) from exc
         raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable; directories cannot be opened for fsync on Windows."""
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read(path: Path, *, mmap: bool) -> faiss.IndexIDMap2:

@@ -21,6 +21,7 @@ from simsearch.collection import Changes, Collection, ImageRecord, KnownFile, Mo
 from simsearch.config import IndexSettings
 from simsearch.errors import ImageError, InputError, ModelMismatchError, SimsearchError
 from simsearch.images import FileEntry, Skipped, decode_image, discover, sha1_file
+from simsearch.progress import NoProgress, Progress
 from simsearch.store import STATUS_FAILED, STATUS_INDEXED
 
 log = logging.getLogger(__name__)
@@ -51,25 +52,6 @@ class EmbedderLike(Protocol):
 
 
 EmbedderFactory = Callable[[str], EmbedderLike]
-
-
-class Progress(Protocol):
-    """A progress display; the CLI draws a bar on stderr, the library only reports counts."""
-
-    def start(self, total: int, description: str) -> None: ...
-    def advance(self, n: int = 1) -> None: ...
-    def close(self) -> None: ...
-
-
-class NoProgress:
-    def start(self, total: int, description: str) -> None:
-        pass
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass(frozen=True, slots=True)

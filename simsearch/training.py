@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,6 +33,7 @@ from simsearch.augment import augment_copy
 from simsearch.config import DEFAULT_MAX_PIXELS
 from simsearch.embedding import choose_device, choose_precision, default_workers, prepare_image
 from simsearch.errors import ImageError, InputError
+from simsearch.fileio import atomic_write
 from simsearch.images import decode_image
 from simsearch.model import (
     BACKBONES,
@@ -491,19 +491,6 @@ def _feature_cache(
 # checkpoints
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_training_state(
     out: Path,
     model: EmbeddingModel,
@@ -536,7 +523,7 @@ def save_training_state(
         "optimizer_scalars": scalars,
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
-    _atomic_write(out / STATE_FILE, save(tensors, metadata={"state": json.dumps(meta)}))
+    atomic_write(out / STATE_FILE, save(tensors, metadata={"state": json.dumps(meta)}))
     return model_id
 
 
@@ -773,7 +760,7 @@ def train(
     _apply_freeze(model, config)
     model = model.to(device, memory_format=torch.channels_last)
     _train_mode(model)
-    _atomic_write(out_dir / CONFIG_FILE, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+    atomic_write(out_dir / CONFIG_FILE, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
 
     # data
     sampler = make_sampler(config)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from simsearch.errors import InputError
+from simsearch.fileio import atomic_write
 from simsearch.model.config import BUILTIN_MODELS, MODEL_ALIASES, ModelConfig
 from simsearch.model.network import EmbeddingModel, build_model, model_id_for
 
@@ -60,16 +60,7 @@ def save_checkpoint(model: EmbeddingModel, path: Path) -> str:
     }
     data = save(tensors, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
     model.model_id = model_id
     model.spec = str(path)
     log.info("saved model %s to %s", model_id, path)

@@ -15,12 +15,14 @@ import typer
 
 from simsearch import __version__
 from simsearch.commands._common import (
+    BatchSizeOption,
     DeviceOption,
     JsonOption,
     MaxPixelsOption,
     ProgressBar,
     StoreOption,
     WeightsOption,
+    WorkersOption,
     embedder_factory,
     fail,
     print_json,
@@ -103,11 +105,8 @@ def index(
             "--reindex", help="Re-embed every image (needed to change the store's model)."
         ),
     ] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = DEFAULT_BATCH_SIZE,
-    workers: Annotated[
-        int | None,
-        typer.Option("--workers", min=0, help="Decoding processes. Default: from the CPU count."),
-    ] = None,
+    batch_size: BatchSizeOption = DEFAULT_BATCH_SIZE,
+    workers: WorkersOption = None,
     device: DeviceOption = None,
     backbone_weights: WeightsOption = None,
     max_pixels: MaxPixelsOption = None,

@@ -41,6 +41,11 @@ WeightsOption = Annotated[
         readable=True,
     ),
 ]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images a batch.")]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option("--workers", min=0, help="Decoding processes. Default: from the CPU count."),
+]
 MaxPixelsOption = Annotated[
     int | None,
     typer.Option(

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from simsearch.commands._common import (
+    BatchSizeOption,
     DeviceOption,
     JsonOption,
     ProgressBar,
     WeightsOption,
+    WorkersOption,
     embedder_factory,
     fail,
 )
@@ -93,11 +95,8 @@ def evaluate(
     details: Annotated[
         bool, typer.Option("--details", help="Add copy detection's recall@1 per kind of edit.")
     ] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = DEFAULT_BATCH_SIZE,
-    workers: Annotated[
-        int | None,
-        typer.Option("--workers", min=0, help="Decoding processes. Default: from the CPU count."),
-    ] = None,
+    batch_size: BatchSizeOption = DEFAULT_BATCH_SIZE,
+    workers: WorkersOption = None,
     device: DeviceOption = None,
     backbone_weights: WeightsOption = None,
     as_json: JsonOption = False,

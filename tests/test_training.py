@@ -33,6 +33,7 @@ from simsearch.training import (
     _embed,
     _feature_cache,
     _load,
+    init_head_from_pca,
     resume_config,
     train,
     triplet_accuracy,
@@ -155,6 +156,26 @@ def test_cached_features_give_the_model_s_own_embeddings(classes):
         expected = model(images)
         got = _embed(model, images, rows, cache)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pca_head_starts_as_the_projected_baseline(classes):
+    """Before any step, the network ranks by the centred, projected deep features alone."""
+    model, _ = _build_model(small(classes, embedding_dim=8))
+    model.eval()
+    paths = sorted(str(p) for p in classes.rglob("*.JPG"))
+    images = torch.stack([_load(p, 64, 10**8)[1] for p in paths])
+    with torch.no_grad():
+        features = model.backbone(model.normalize_pixels(images)).float()
+    init_head_from_pca(model, features)
+    q = torch.nn.functional.normalize(features, dim=1).double()
+    centred = q - q.mean(dim=0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    expected = torch.nn.functional.normalize(centred @ vh[:8].T, dim=1)
+    with torch.no_grad():
+        got = model(images).double()
+    # Singular vectors are defined up to sign: compare the geometry, not the coordinates.
+    torch.testing.assert_close(got @ got.T, expected @ expected.T, atol=1e-4, rtol=0)
+    assert torch.count_nonzero(model.embed.weight[:, features.shape[1] :]) == 0
 
 
 # ---------------------------------------------------------------------------------------------

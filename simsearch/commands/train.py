@@ -274,6 +274,16 @@ def train(
             show_default=False,
         ),
     ] = None,
+    head_init: Annotated[
+        str | None,
+        typer.Option(
+            "--head-init",
+            help="A new network's embedding: pca (principal directions of the backbone's "
+            "features, shallow paths at zero: starts where the ConvNet baseline is) or random. "
+            "[default: pca]",
+            show_default=False,
+        ),
+    ] = None,
     optimizer: Annotated[
         str | None,
         typer.Option(
@@ -374,6 +384,7 @@ def train(
         "margin": margin,
         "augment_positives": augment_positives,
         "in_class_negatives": in_class_negatives,
+        "head_init": head_init,
         "optimizer": optimizer,
         "lr": lr,
         "weight_decay": weight_decay,

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from simsearch.datasets import RemoteImage, TripletRecord
 
 log = logging.getLogger(__name__)
+MAX_NOTES = 5  # warnings about small classes printed one by one; the rest are counted
 
 LAYOUTS = ("auto", "folders", "flat", "google")
 MANIFEST = "manifest.jsonl"
@@ -181,8 +182,11 @@ def sample_triplets(
     _check_count("the number of positives", num_pos)
     _check_count("the number of negatives", num_neg)
     _check_seed(seed)
-    for note in shortfalls(classes, num_pos, num_neg):
+    notes = shortfalls(classes, num_pos, num_neg)
+    for note in notes[:MAX_NOTES]:
         log.warning("%s", note)
+    if len(notes) > MAX_NOTES:
+        log.warning("... and %d more classes too small for the counts", len(notes) - MAX_NOTES)
     names = sorted(classes)
     flat: list[str] = []
     spans: dict[str, tuple[int, int]] = {}

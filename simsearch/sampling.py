@@ -532,6 +532,11 @@ class OnlineSampler:
     against each other, so a triplet with an in-class negative always takes an edited copy of the
     query as its positive. It teaches the near-duplicate distinction inside a category.
 
+    Hard negatives, as the paper picks them with "golden features": after
+    `set_hard_negatives(neighbours)` (for each image, the other-class images nearest to it by a
+    fixed reference feature), an out-of-class negative is one of those neighbours with
+    probability `hard_negative_ratio`, else any other-class image.
+
     Triplet `t` of the stream depends only on (seed, t), so `triplet(t)` can be called from data
     loader workers in any order, and the state is just the position of the next triplet.
     """
@@ -542,12 +547,14 @@ class OnlineSampler:
         *,
         in_class_negative_ratio: float = 0.0,
         augment_ratio: float = 0.0,
+        hard_negative_ratio: float = 0.0,
         seed: int = 0,
     ) -> None:
         _check_seed(seed)
         for name, ratio in (
             ("in-class negative ratio", in_class_negative_ratio),
             ("augmented positive ratio", augment_ratio),
+            ("hard negative ratio", hard_negative_ratio),
         ):
             if not 0.0 <= ratio <= 1.0:
                 raise InputError(f"the {name} must be from 0 to 1, got {ratio}")
@@ -570,6 +577,8 @@ class OnlineSampler:
         self.class_names = names
         self.in_class_negative_ratio = float(in_class_negative_ratio)
         self.augment_ratio = float(augment_ratio)
+        self.hard_negative_ratio = float(hard_negative_ratio)
+        self.hard_negatives: np.ndarray | None = None  # (images, k) indices into self.paths
         self.seed = seed
         self.position = 0
         self._epoch: tuple[int, np.ndarray] | None = None
@@ -592,6 +601,9 @@ class OnlineSampler:
         augmented = in_class or size == 1 or rng.random() < self.augment_ratio
         if in_class:
             ni = start + _skip(int(rng.integers(size - 1)), qi - start)
+        elif self.hard_negatives is not None and rng.random() < self.hard_negative_ratio:
+            row = self.hard_negatives[qi]
+            ni = int(row[rng.integers(len(row))])
         else:
             ni = int(rng.integers(n - size))
             ni += size if ni >= start else 0
@@ -599,6 +611,22 @@ class OnlineSampler:
             return Triplet(self.paths[qi], self.paths[qi], self.paths[ni], augmented=True)
         pi = start + _skip(int(rng.integers(size - 1)), qi - start)
         return Triplet(self.paths[qi], self.paths[pi], self.paths[ni])
+
+    def set_hard_negatives(self, features: np.ndarray, k: int = 10) -> None:
+        """For each image, its `k` nearest other-class images by `features` (rows in path order)."""
+        if features.shape[0] != len(self.paths):
+            raise ValueError(f"{features.shape[0]} feature rows for {len(self.paths)} images")
+        unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+        labels = np.asarray(self.class_of)
+        k = max(1, min(k, len(self.paths) - max(e - s for s, e in self.spans)))
+        rows = []
+        for start in range(0, len(unit), 1024):  # blocks: no N x N matrix for big sets
+            sims = unit[start : start + 1024] @ unit.T
+            sims[labels[start : start + 1024, None] == labels[None, :]] = -np.inf
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            order = np.take_along_axis(-sims, top, axis=1).argsort(axis=1, kind="stable")
+            rows.append(np.take_along_axis(top, order, axis=1))
+        self.hard_negatives = np.concatenate(rows).astype(np.int64)
 
     def next_batch(self, size: int) -> list[Triplet]:
         """The next `size` triplets of the stream; advances the position."""
@@ -614,15 +642,18 @@ class OnlineSampler:
             "images": len(self.paths),
             "in_class_negative_ratio": self.in_class_negative_ratio,
             "augment_ratio": self.augment_ratio,
+            "hard_negative_ratio": self.hard_negative_ratio,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the stream where `state_dict` was taken; refuses another data set or seed."""
         mine = self.state_dict()
-        for key in ("seed", "images", "in_class_negative_ratio", "augment_ratio"):
-            if state.get(key) != mine[key]:
+        keys = ("seed", "images", "in_class_negative_ratio", "augment_ratio", "hard_negative_ratio")
+        for key in keys:
+            theirs = state.get(key, 0.0 if key == "hard_negative_ratio" else None)  # older runs
+            if theirs != mine[key]:
                 raise InputError(
-                    f"cannot resume the triplet stream: its {key} was {state.get(key)!r}, now "
+                    f"cannot resume the triplet stream: its {key} was {theirs!r}, now "
                     f"{mine[key]!r}; resume with the same images and settings"
                 )
         position = state.get("position")

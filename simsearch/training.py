@@ -122,6 +122,7 @@ class TrainConfig:
     margin: float = DEFAULT_MARGIN
     augment_positives: float = 0.0  # share of positives that are edited copies of the query
     in_class_negatives: float = 0.0  # share of negatives from the query's class (--classes)
+    hard_negatives: float = 0.0  # share of out-of-class negatives among the nearest (--classes)
     # optimisation
     optimizer: str = "sgd"
     lr: float | None = None  # None: 0.01 for sgd, 0.001 for adamw
@@ -164,6 +165,12 @@ class TrainConfig:
         _number("margin", self.margin, 0.0, 4.0)
         _number("augmented positive ratio", self.augment_positives, 0.0, 1.0)
         _number("in-class negative ratio", self.in_class_negatives, 0.0, 1.0)
+        _number("hard negative ratio", self.hard_negatives, 0.0, 1.0)
+        if self.hard_negatives and not self.classes:
+            raise InputError(
+                "hard negatives are mined among class folders; give --classes DIR, or set "
+                "--hard-negatives 0"
+            )
         if self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
         if self.weight_decay is None:
@@ -265,6 +272,7 @@ def make_sampler(config: TrainConfig) -> OnlineSampler | ListSampler:
             classes,
             in_class_negative_ratio=config.in_class_negatives,
             augment_ratio=config.augment_positives,
+            hard_negative_ratio=config.hard_negatives,
             seed=config.seed,
         )
     if config.google:
@@ -804,6 +812,14 @@ def train(
     if _cacheable(model, config):
         rows = {p: i for i, p in enumerate(sampler.paths)}
         cache = _feature_cache(model, sampler.paths, config, device, autocast, workers)
+    if config.hard_negatives and isinstance(sampler, OnlineSampler):
+        # The paper's "golden features": the pretrained backbone's, fixed for the whole run.
+        golden = (
+            cache
+            if cache is not None
+            else _feature_cache(model, sampler.paths, config, device, autocast, workers)
+        )
+        sampler.set_hard_negatives(golden.cpu().numpy())
     if fresh and config.head_init == "pca" and isinstance(model, DeepRankingNet):
         sample = sampler.paths[:: max(1, len(sampler.paths) // PCA_SAMPLE)]
         features = (

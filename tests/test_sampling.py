@@ -322,6 +322,37 @@ def test_online_sampler_resumes_the_same_stream():
     assert other.next_batch(35) != head + tail
 
 
+def test_hard_negatives_are_the_nearest_images_of_other_classes():
+    """The paper's golden-feature mining: with ratio 1, every out-of-class negative is one of
+    the query's k nearest other-class images by the reference features."""
+    import numpy as np
+
+    classes = fake_classes({"a": 4, "b": 4, "c": 4})
+    sampler = OnlineSampler(classes, hard_negative_ratio=1.0, seed=2)
+    labels = np.asarray(sampler.class_of)
+    features = np.random.default_rng(0).normal(size=(12, 6))
+    sampler.set_hard_negatives(features, k=3)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    for i, row in enumerate(sampler.hard_negatives):
+        assert (labels[row] != labels[i]).all()
+        sims = unit[i] @ unit.T
+        others = [j for j in np.argsort(-sims) if labels[j] != labels[i]]
+        assert row.tolist() == others[:3]  # nearest first
+    nearest = {
+        sampler.paths[i]: {sampler.paths[j] for j in row}
+        for i, row in enumerate(sampler.hard_negatives)
+    }
+    for t in sampler.next_batch(60):
+        assert t.negative in nearest[t.query]
+    state = sampler.state_dict()
+    assert state["hard_negative_ratio"] == 1.0
+    older = {k: v for k, v in state.items() if k != "hard_negative_ratio"}
+    plain = OnlineSampler(classes, seed=2)
+    plain.load_state_dict({**older, "position": 0})  # states saved before this setting resume
+    with pytest.raises(InputError, match="hard_negative_ratio"):
+        plain.load_state_dict(state)
+
+
 def test_online_sampler_needs_two_classes():
     with pytest.raises(InputError, match="at least 2 classes"):
         OnlineSampler(fake_classes({"a": 5}))

@@ -123,6 +123,10 @@ def test_train_config_checks_and_round_trips(tmp_path):
         TrainConfig(classes="a", freeze="some")
     with pytest.raises(InputError, match="give --classes DIR"):
         TrainConfig(triplets="t.csv", in_class_negatives=0.5)
+    with pytest.raises(InputError, match="--hard-negatives 0"):
+        TrainConfig(triplets="t.csv", hard_negatives=0.5)
+    with pytest.raises(InputError, match="unknown head initialisation"):
+        TrainConfig(classes="a", head_init="zeros")
     with pytest.raises(InputError, match="unknown optimizer"):
         TrainConfig(classes="a", optimizer="adam")
     config = TrainConfig(classes="a", optimizer="adamw", freeze="2")

@@ -274,6 +274,18 @@ def train(
             show_default=False,
         ),
     ] = None,
+    hard_negatives: Annotated[
+        float | None,
+        typer.Option(
+            "--hard-negatives",
+            min=0.0,
+            max=1.0,
+            help="With --classes: share of out-of-class negatives taken among the 10 images "
+            "nearest to the query by the pretrained backbone's features (the paper's golden "
+            "features). [default: 0]",
+            show_default=False,
+        ),
+    ] = None,
     head_init: Annotated[
         str | None,
         typer.Option(
@@ -384,6 +396,7 @@ def train(
         "margin": margin,
         "augment_positives": augment_positives,
         "in_class_negatives": in_class_negatives,
+        "hard_negatives": hard_negatives,
         "head_init": head_init,
         "optimizer": optimizer,
         "lr": lr,

@@ -15,6 +15,7 @@ the output and the online sampler can jump to any position of its stream (exact 
 
 from __future__ import annotations
 
+import abc
 import csv
 import logging
 import os
@@ -519,7 +520,49 @@ def read_triplets_csv(
 # online sampling for training
 
 
-class OnlineSampler:
+class _TripletStream(abc.ABC):
+    """What both samplers share: triplet `t` is a pure function of (seed, t), so the state is
+    the position of the next triplet plus the settings that must match to resume."""
+
+    position: int
+
+    @abc.abstractmethod
+    def triplet(self, t: int) -> Triplet:
+        """Triplet number `t` of the stream (0-based)."""
+
+    @abc.abstractmethod
+    def _identity(self) -> dict[str, Any]:
+        """The data and settings a saved state must match (JSON-serialisable)."""
+
+    def next_batch(self, size: int) -> list[Triplet]:
+        """The next `size` triplets of the stream; advances the position."""
+        batch = [self.triplet(t) for t in range(self.position, self.position + size)]
+        self.position += size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable; with the same data and settings it restores the stream."""
+        return {"position": self.position, **self._identity()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the stream where `state_dict` was taken; refuses other data or settings."""
+        for key, mine in self._identity().items():
+            theirs = state.get(key, _STATE_DEFAULTS.get(key))  # settings added later
+            if theirs != mine:
+                raise InputError(
+                    f"cannot resume the triplet stream: its {key} was {theirs!r}, now "
+                    f"{mine!r}; resume with the same data and settings"
+                )
+        position = state.get("position")
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise InputError(f"bad sampler state: position {position!r}")
+        self.position = position
+
+
+_STATE_DEFAULTS: dict[str, Any] = {"hard_negative_ratio": 0.0}
+
+
+class OnlineSampler(_TripletStream):
     """An endless, seeded stream of triplets from labelled images: the paper's online sampling.
 
     Each epoch visits every image once as a query, in a seeded order. The positive is another
@@ -628,16 +671,8 @@ class OnlineSampler:
             rows.append(np.take_along_axis(top, order, axis=1))
         self.hard_negatives = np.concatenate(rows).astype(np.int64)
 
-    def next_batch(self, size: int) -> list[Triplet]:
-        """The next `size` triplets of the stream; advances the position."""
-        batch = [self.triplet(t) for t in range(self.position, self.position + size)]
-        self.position += size
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable; with the same classes and settings it restores the stream."""
+    def _identity(self) -> dict[str, Any]:
         return {
-            "position": self.position,
             "seed": self.seed,
             "images": len(self.paths),
             "in_class_negative_ratio": self.in_class_negative_ratio,
@@ -645,24 +680,8 @@ class OnlineSampler:
             "hard_negative_ratio": self.hard_negative_ratio,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue the stream where `state_dict` was taken; refuses another data set or seed."""
-        mine = self.state_dict()
-        keys = ("seed", "images", "in_class_negative_ratio", "augment_ratio", "hard_negative_ratio")
-        for key in keys:
-            theirs = state.get(key, 0.0 if key == "hard_negative_ratio" else None)  # older runs
-            if theirs != mine[key]:
-                raise InputError(
-                    f"cannot resume the triplet stream: its {key} was {theirs!r}, now "
-                    f"{mine[key]!r}; resume with the same images and settings"
-                )
-        position = state.get("position")
-        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
-            raise InputError(f"bad sampler state: position {position!r}")
-        self.position = position
 
-
-class ListSampler:
+class ListSampler(_TripletStream):
     """A fixed list of triplets as an endless stream, reshuffled every epoch (seeded).
 
     With `augment_ratio`, a triplet's positive is replaced by an edited copy of its query with
@@ -699,31 +718,12 @@ class ListSampler:
             return Triplet(base.query, base.query, base.negative, augmented=True)
         return base
 
-    def next_batch(self, size: int) -> list[Triplet]:
-        batch = [self.triplet(t) for t in range(self.position, self.position + size)]
-        self.position += size
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
+    def _identity(self) -> dict[str, Any]:
         return {
-            "position": self.position,
             "seed": self.seed,
             "triplets": len(self.triplets),
             "augment_ratio": self.augment_ratio,
         }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "triplets", "augment_ratio"):
-            if state.get(key) != mine[key]:
-                raise InputError(
-                    f"cannot resume the triplet stream: its {key} was {state.get(key)!r}, now "
-                    f"{mine[key]!r}; resume with the same triplets and settings"
-                )
-        position = state.get("position")
-        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
-            raise InputError(f"bad sampler state: position {position!r}")
-        self.position = position
 
 
 def _skip(pick: int, excluded: int) -> int:

@@ -7,6 +7,7 @@ default model works offline. VGG16 and ResNet50 weights come from torchvision's 
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,17 +23,18 @@ log = logging.getLogger(__name__)
 WEIGHTS_OPTION = "--backbone-weights"
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, abc.ABC):
     """A trunk: `forward_features` gives the last feature map, `forward` its global average."""
 
     feature_dim: int
 
+    @abc.abstractmethod
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Normalised pixels -> the last feature map (n, C, h, w)."""
 
+    @abc.abstractmethod
     def stages(self) -> list[list[nn.Module]]:
         """The trunk's stages from input to output, so training can unfreeze the last few."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean(dim=(2, 3))

@@ -199,20 +199,21 @@ def distance(
     as_json: JsonOption = False,
 ) -> None:
     """Print the Euclidean distance (0 to 2) and cosine similarity of two images' embeddings.
-    Indexed images use their stored vectors.
+    Indexed images use their stored vectors; without a store, two files are embedded with the
+    default model.
 
     Example: simsearch distance cat.jpg cat-crop.jpg
     """
     from simsearch import library
+    from simsearch.store.database import DB_NAME
 
+    factory = embedder_factory(device, backbone_weights, max_pixels_from_env())
     try:
-        with _open(store, write=False) as collection:
-            result = library.distance(
-                collection,
-                a,
-                b,
-                embedder_factory=embedder_factory(device, backbone_weights, max_pixels_from_env()),
-            )
+        if (resolve_store_dir(store) / DB_NAME).exists():
+            with _open(store, write=False) as collection:
+                result = library.distance(collection, a, b, embedder_factory=factory)
+        else:  # no store: two files, embedded with the default model
+            result = library.distance(None, a, b, embedder_factory=factory)
     except SimsearchError as exc:
         raise fail(exc) from None
     if as_json:

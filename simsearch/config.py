@@ -12,6 +12,7 @@ STORE_ENV = "SIMSEARCH_STORE"
 MAX_PIXELS_ENV = "SIMSEARCH_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_MODEL = "convnet-efficientnet_lite0"  # what `index` uses for a new store
 
 
 def default_store_dir() -> Path:

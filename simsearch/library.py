@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from simsearch.collection import Changes, Collection, ImageRecord, KnownFile, Move
-from simsearch.config import IndexSettings
+from simsearch.config import DEFAULT_MODEL, IndexSettings
 from simsearch.errors import ImageError, InputError, ModelMismatchError, SimsearchError
 from simsearch.images import FileEntry, Skipped, decode_image, discover, sha1_file
 from simsearch.progress import NoProgress, Progress
@@ -234,8 +234,6 @@ def _prepare_model(
     if current is not None and model is None and not reindex:
         return None  # the store's own model, loaded lazily if anything needs embedding
     if model is None:
-        from simsearch.model import DEFAULT_MODEL
-
         model = current[1] if current is not None else DEFAULT_MODEL
     embedder = factory(model)
     if current is not None and current[0] != embedder.model_id and not reindex:
@@ -477,13 +475,36 @@ class DistanceResult:
 
 
 def distance(
-    collection: Collection, a: str, b: str, *, embedder_factory: EmbedderFactory
+    collection: Collection | None, a: str, b: str, *, embedder_factory: EmbedderFactory
 ) -> DistanceResult:
-    """Euclidean distance (0..2) and cosine similarity between two unit embeddings."""
-    first, second = _resolve(collection, [a, b], embedder_factory)
-    va = first.vector.astype(np.float64)
-    vb = second.vector.astype(np.float64)
+    """Euclidean distance (0..2) and cosine similarity between two unit embeddings.
+
+    Indexed images use their stored vectors; without a store (or with an empty one) both must
+    be image files, embedded with the default model, as the prototype's get_distance did.
+    """
+    if collection is None or collection.model() is None:
+        va, vb = _embed_two_files(a, b, embedder_factory)
+    else:
+        first, second = _resolve(collection, [a, b], embedder_factory)
+        va, vb = first.vector, second.vector
+    va, vb = va.astype(np.float64), vb.astype(np.float64)
     return DistanceResult(a, b, float(np.linalg.norm(va - vb)), float(np.dot(va, vb)))
+
+
+def _embed_two_files(a: str, b: str, factory: EmbedderFactory) -> tuple[np.ndarray, np.ndarray]:
+    for text in (a, b):
+        if not os.path.isfile(text):
+            raise InputError(
+                f"{text} is not an image file; without an index only files can be compared "
+                "(index them first to compare ids or SHA-1s)"
+            )
+    vectors: list[np.ndarray] = []
+    for batch in factory(DEFAULT_MODEL).embed_files([a, b], workers=0):
+        for result in batch:
+            if result.vector is None:
+                raise InputError(f"cannot use the image {result.path}: {result.error}")
+            vectors.append(result.vector)
+    return vectors[0], vectors[1]
 
 
 # -- remove and info -------------------------------------------------------------------------

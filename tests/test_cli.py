@@ -258,3 +258,18 @@ def test_moved_folder_keeps_vectors_through_the_cli(runner, photos, tmp_path):
     result = invoke(runner, "index", str(photos), "--store", store, "--json")
     summary = json.loads(result.stdout)
     assert (summary["moved"], summary["unchanged"], summary["added"]) == (6, 6, 0)
+
+
+def test_distance_between_two_files_needs_no_store(runner, photos, tmp_path):
+    """The prototype's get_distance: two image files, embedded with the default model."""
+    a, b = str(photos / "a" / "img00.jpg"), str(photos / "b" / "img11.jpg")
+    nowhere = str(tmp_path / "no-store")
+    same = invoke(runner, "distance", a, a, "--store", nowhere, "--json")
+    assert same.exit_code == 0, same.output
+    assert json.loads(same.stdout)["distance"] == pytest.approx(0.0, abs=1e-6)
+    other = json.loads(invoke(runner, "distance", a, b, "--store", nowhere, "--json").stdout)
+    assert 0 < other["distance"] <= 2
+    assert other["distance"] ** 2 == pytest.approx(2 - 2 * other["cosine"], abs=1e-5)
+    assert not (tmp_path / "no-store").exists()  # nothing was created
+    result = invoke(runner, "distance", a, "42", "--store", nowhere)
+    assert result.exit_code != 0 and "without an index only files" in result.stderr

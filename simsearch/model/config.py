@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from simsearch.config import DEFAULT_MODEL  # defined there so the CLI needs no torch
 from simsearch.errors import InputError
 
 ARCHITECTURES = ("convnet", "deepranking")
@@ -26,7 +27,6 @@ RESIZE_MODES = ("shorter_side_center_crop",)
 DEFAULT_EMBEDDING_DIM = 512  # the Deep Ranking embedding size when none is chosen
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 64, 1024
 
-DEFAULT_MODEL = "convnet-efficientnet_lite0"
 MODEL_ALIASES = {"convnet": DEFAULT_MODEL}
 
 

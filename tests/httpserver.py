@@ -62,13 +62,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         owner: TestServer = self.server.owner
-        owner._enter(self.path)
+        owner._count(self.path)
         try:
             self._answer(owner, urlsplit(self.path).path, self.path)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a timeout test)
-        finally:
-            owner._leave()
 
     def _answer(self, owner: TestServer, path: str, full: str) -> None:
         parts = path.strip("/").split("/")
@@ -86,7 +84,13 @@ class _Handler(BaseHTTPRequestHandler):
             owner.stopping.wait(owner.slow_seconds)
             self._send(200, image_bytes(full))
         elif head == "delay":
-            owner.stopping.wait(owner.delay_seconds)
+            # Counted as active only before the answer is sent: a client bound to N requests
+            # can start its next one only after this one is answered, so the count is exact.
+            owner._enter()
+            try:
+                owner.stopping.wait(owner.delay_seconds)
+            finally:
+                owner._leave()
             self._send(200, image_bytes(full))
         elif head == "redirect":
             self._redirect(parts[1:])
@@ -186,9 +190,12 @@ class TestServer:
             self.requests.clear()
             self.max_active = 0
 
-    def _enter(self, full_path: str) -> None:
+    def _count(self, full_path: str) -> None:
         with self._lock:
             self.requests[full_path] += 1
+
+    def _enter(self) -> None:
+        with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
 

@@ -8,7 +8,6 @@ import io
 import os
 import signal
 import struct
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -212,17 +211,15 @@ def test_discover_is_stat_only_and_never_opens_files(tmp_path, monkeypatch):
     assert len(only(discover([tmp_path]), FileEntry)) == 2
 
 
-def test_discover_is_fast_on_many_files(tmp_path):
+def test_discover_finds_every_file_of_many_folders_in_order(tmp_path):
     for d in range(10):
         sub = tmp_path / f"d{d}"
         sub.mkdir()
         for i in range(200):
             (sub / f"img{i:03d}.jpg").write_bytes(b"\xff")
-    start = time.perf_counter()
-    found = list(discover([tmp_path]))
-    elapsed = time.perf_counter() - start
-    assert len(only(found, FileEntry)) == 2000
-    assert elapsed < 1.0  # the real target is > 20,000 files/s; this only catches blunders
+    found = only(list(discover([tmp_path])), FileEntry)
+    assert len(found) == 2000
+    assert [f.path for f in found] == sorted(f.path for f in found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,15 +546,17 @@ def test_draft_mode_keeps_small_jpegs_and_other_formats_whole(tmp_path):
 # decode_image: the pixel limit
 
 
-def test_huge_image_is_refused_from_its_header_quickly(tmp_path):
-    start = time.perf_counter()
+def test_huge_image_is_refused_from_its_header(tmp_path, monkeypatch):
     path = badfiles.huge_png(tmp_path)
-    made = time.perf_counter()
     assert os.path.getsize(path) < 1_000_000
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("pixel data was decoded")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(ImageError) as info:
         decode_image(path)
-    assert time.perf_counter() - made < 0.5
-    assert made - start < 2.0
     assert str(info.value) == (
         "image is 30000 x 30000 = 900,000,000 pixels, above the limit of 100,000,000; "
         "raise it with --max-pixels or SIMSEARCH_MAX_PIXELS if you trust this file"

@@ -12,7 +12,8 @@ STORE_ENV = "SIMSEARCH_STORE"
 MAX_PIXELS_ENV = "SIMSEARCH_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_MODEL = "convnet-efficientnet_lite0"  # what `index` uses for a new store
+DEFAULT_MODEL = "deepranking-efficientnet_lite0"  # what `index` uses for a new store
+BASELINE_MODEL = "convnet-efficientnet_lite0"  # the paper's ConvNet baseline of the same backbone
 
 
 def default_store_dir() -> Path:

@@ -108,8 +108,8 @@ def test_index_query_distance_info_remove(runner, photos, tmp_path):
 
     result = invoke(runner, "info", "--store", store, "--json")
     info = json.loads(result.stdout)
-    assert (info["indexed"], info["failed"], info["dim"]) == (12, 1, 1280)
-    assert info["model_id"].startswith("convnet-efficientnet_lite0")
+    assert (info["indexed"], info["failed"], info["dim"]) == (12, 1, 512)
+    assert info["model_id"].startswith("deepranking-efficientnet_lite0-512-")
 
     result = invoke(runner, "remove", str(photos / "a"), "--store", store)
     assert result.stdout.strip() == "removed 6"

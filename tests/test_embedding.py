@@ -21,14 +21,14 @@ from simsearch.embedding import (
 )
 from simsearch.errors import InputError
 from simsearch.images import decode_image
-from simsearch.model import DEFAULT_MODEL, load_model
+from simsearch.model import BASELINE_MODEL, load_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "images"
 
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model(DEFAULT_MODEL)
+    return load_model(BASELINE_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_embed_images_equals_embed_files(embedder, files):
 
 def test_embedder_describes_its_model(embedder, model):
     assert embedder.model_id == model.model_id
-    assert embedder.spec == DEFAULT_MODEL
+    assert embedder.spec == BASELINE_MODEL
     assert embedder.dim == 1280
     assert embedder.device == torch.device("cpu") and embedder.precision == "fp32"
     assert list(embedder.embed_files([])) == []

@@ -18,8 +18,8 @@ from simsearch.errors import InputError, WeightsUnavailableError
 from simsearch.images import decode_image
 from simsearch.model import (
     BACKBONES,
+    BASELINE_MODEL,
     BUILTIN_MODELS,
-    DEFAULT_MODEL,
     ModelConfig,
     build_model,
     load_checkpoint,
@@ -36,7 +36,7 @@ ID_PATTERN = re.compile(r"^convnet-efficientnet_lite0-1280-[0-9a-f]{10}$")
 
 @pytest.fixture(scope="module")
 def default_model():
-    return load_model(DEFAULT_MODEL)
+    return load_model(BASELINE_MODEL)
 
 
 def _pixels(n: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -105,7 +105,7 @@ def test_bf16_autocast_and_channels_last_still_give_float32_unit_vectors(default
 
 def test_default_model_id_is_stable_across_processes(default_model):
     assert ID_PATTERN.match(default_model.model_id)
-    assert default_model.spec == DEFAULT_MODEL
+    assert default_model.spec == BASELINE_MODEL
     code = "from simsearch.model import load_model; print(load_model('convnet').model_id)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
@@ -300,7 +300,7 @@ def test_config_roundtrips_through_json():
         assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     vgg = BUILTIN_MODELS["convnet-vgg16"]
     assert vgg.pixel_mean == pytest.approx((123.675, 116.28, 103.53))
-    assert BUILTIN_MODELS[DEFAULT_MODEL].pixel_std == (128.0, 128.0, 128.0)
+    assert BUILTIN_MODELS[BASELINE_MODEL].pixel_std == (128.0, 128.0, 128.0)
 
 
 @pytest.mark.parametrize(
@@ -318,7 +318,7 @@ def test_config_roundtrips_through_json():
     ],
 )
 def test_config_validation_names_the_bad_key_or_value(change, message):
-    d = BUILTIN_MODELS[DEFAULT_MODEL].to_dict() | change
+    d = BUILTIN_MODELS[BASELINE_MODEL].to_dict() | change
     with pytest.raises(InputError, match=message):
         ModelConfig.from_dict(d)
 
@@ -338,3 +338,21 @@ def test_model_package_imports_neither_store_nor_index():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_the_packaged_default_is_the_trained_deep_ranking_network():
+    from safetensors import safe_open
+
+    from simsearch.model import DEFAULT_MODEL, DeepRankingNet
+
+    model = load_model(DEFAULT_MODEL)
+    assert isinstance(model, DeepRankingNet) and model.spec == DEFAULT_MODEL
+    assert load_model("deepranking").model_id == model.model_id
+    path = REPO / "simsearch" / "model" / "weights" / f"{DEFAULT_MODEL}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["simsearch_model_id"] == model.model_id
+    assert path.stat().st_size < 25 * 1024 * 1024
+    assert (path.parent / "MODEL_CARD.md").exists()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+    assert out.shape == (1, 512)

@@ -7,9 +7,11 @@ from simsearch.model.checkpoint import load_checkpoint, load_model, save_checkpo
 from simsearch.model.config import (
     ARCHITECTURES,
     BACKBONES,
+    BASELINE_MODEL,
     BUILTIN_MODELS,
     DEFAULT_MODEL,
     MODEL_ALIASES,
+    PACKAGED_MODELS,
     ModelConfig,
 )
 from simsearch.model.network import (
@@ -23,9 +25,11 @@ from simsearch.model.network import (
 __all__ = [
     "ARCHITECTURES",
     "BACKBONES",
+    "BASELINE_MODEL",
     "BUILTIN_MODELS",
     "DEFAULT_MODEL",
     "MODEL_ALIASES",
+    "PACKAGED_MODELS",
     "ConvNetEmbedder",
     "DeepRankingNet",
     "EmbeddingModel",

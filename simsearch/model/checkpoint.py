@@ -13,11 +13,12 @@ from pathlib import Path
 
 from simsearch.errors import InputError
 from simsearch.fileio import atomic_write
-from simsearch.model.config import BUILTIN_MODELS, MODEL_ALIASES, ModelConfig
+from simsearch.model.config import BUILTIN_MODELS, MODEL_ALIASES, PACKAGED_MODELS, ModelConfig
 from simsearch.model.network import EmbeddingModel, build_model, model_id_for
 
 log = logging.getLogger(__name__)
 
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "1"
 CONFIG_KEY = "simsearch_config"
 MODEL_ID_KEY = "simsearch_model_id"
@@ -35,12 +36,16 @@ def load_model(spec: str, *, backbone_weights: Path | None = None) -> EmbeddingM
         model.spec = name
         log.debug("loaded builtin model %s (%s)", name, model.model_id)
         return model.eval()
+    if name in PACKAGED_MODELS:
+        model = load_checkpoint(WEIGHTS_DIR / PACKAGED_MODELS[name])
+        model.spec = name  # stores record the name, not this installation's path
+        return model.eval()
     path = Path(spec).expanduser()
     if path.is_file():
         return load_checkpoint(path)
     if path.suffix == ".safetensors" or os.sep in spec or "/" in spec:
         raise InputError(f"model checkpoint {path} does not exist; check the path")
-    names = ", ".join([*BUILTIN_MODELS, *MODEL_ALIASES])
+    names = ", ".join([*PACKAGED_MODELS, *BUILTIN_MODELS, *MODEL_ALIASES])
     raise InputError(
         f"unknown model {spec!r}; use one of {names}, or the path of a .safetensors checkpoint"
     )

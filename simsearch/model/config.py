@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from simsearch.config import DEFAULT_MODEL  # defined there so the CLI needs no torch
+from simsearch.config import BASELINE_MODEL, DEFAULT_MODEL  # there, so the CLI needs no torch
 from simsearch.errors import InputError
 
 ARCHITECTURES = ("convnet", "deepranking")
@@ -27,7 +27,9 @@ RESIZE_MODES = ("shorter_side_center_crop",)
 DEFAULT_EMBEDDING_DIM = 512  # the Deep Ranking embedding size when none is chosen
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 64, 1024
 
-MODEL_ALIASES = {"convnet": DEFAULT_MODEL}
+MODEL_ALIASES = {"convnet": BASELINE_MODEL, "deepranking": DEFAULT_MODEL}
+# Trained networks shipped inside the package (simsearch/model/weights/, model card beside them).
+PACKAGED_MODELS = {"deepranking-efficientnet_lite0": "deepranking-efficientnet_lite0.safetensors"}
 
 
 @dataclass(frozen=True)

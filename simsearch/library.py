@@ -19,7 +19,7 @@ import numpy as np
 
 from simsearch.collection import Changes, Collection, ImageRecord, KnownFile, Move
 from simsearch.config import DEFAULT_MODEL, IndexSettings
-from simsearch.errors import ImageError, InputError, ModelMismatchError, SimsearchError
+from simsearch.errors import ImageError, InputError, ModelMismatchError
 from simsearch.images import FileEntry, Skipped, decode_image, discover, sha1_file
 from simsearch.progress import NoProgress, Progress
 from simsearch.store import STATUS_FAILED, STATUS_INDEXED
@@ -581,8 +581,3 @@ def info(collection: Collection) -> StoreInfo:
         index_bytes=files[0][1].stat().st_size if files else 0,
         failures=[Failure(row.path, row.error or "") for row in collection.failures()],
     )
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise SimsearchError(message)

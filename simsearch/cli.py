@@ -27,7 +27,10 @@ from simsearch.commands._common import (
     fail,
     print_json,
 )
+from simsearch.commands.duplicates import duplicates
 from simsearch.commands.evaluate import evaluate
+from simsearch.commands.export import app as export_app
+from simsearch.commands.serve import serve
 from simsearch.commands.train import sample, train
 from simsearch.commands.triplets import app as triplets_app
 from simsearch.config import (
@@ -297,9 +300,12 @@ def _size(n: int) -> str:
 
 
 app.command()(evaluate)
+app.command()(duplicates)
 app.command()(train)
+app.command()(serve)
 triplets_app.command("sample")(sample)
 app.add_typer(triplets_app, name="triplets")
+app.add_typer(export_app, name="export")
 
 
 def main() -> None:

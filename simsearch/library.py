@@ -6,9 +6,12 @@ a fake; it raises SimsearchError subclasses and never prints.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,11 +25,12 @@ from simsearch.config import DEFAULT_MODEL, IndexSettings
 from simsearch.errors import ImageError, InputError, ModelMismatchError
 from simsearch.images import FileEntry, Skipped, decode_image, discover, sha1_file
 from simsearch.progress import NoProgress, Progress
-from simsearch.store import STATUS_FAILED, STATUS_INDEXED
+from simsearch.store import STATUS_FAILED, STATUS_INDEXED, Image
 
 log = logging.getLogger(__name__)
 
 SHA1_PATTERN = re.compile(r"^[0-9a-fA-F]{40}$")
+MAX_IMAGE_ID = 2**63 - 1  # SQLite's and FAISS's 64-bit ids
 CHECKPOINT_SECONDS = 120.0  # save the index this often during long runs
 
 
@@ -581,3 +585,179 @@ def info(collection: Collection) -> StoreInfo:
         index_bytes=files[0][1].stat().st_size if files else 0,
         failures=[Failure(row.path, row.error or "") for row in collection.failures()],
     )
+
+
+# -- the HTTP service: queries by stored vector or by image bytes ------------------------------
+# The service never hands user text to `query` or `distance` (which also accept file paths):
+# it names indexed images by id or SHA-1, and reads any other image itself, within its limits.
+def parse_image_ref(ref: str | int) -> tuple[int | None, str | None]:
+    """(id, None) or (None, sha1) for an indexed image's id or SHA-1; InputError otherwise."""
+    text = str(ref).strip()
+    if SHA1_PATTERN.match(text):  # 40 digits are a SHA-1: no id is that large
+        return None, text.lower()
+    if text.isascii() and text.isdigit() and not isinstance(ref, bool):
+        if len(text) > 19 or int(text) > MAX_IMAGE_ID:
+            raise InputError(f"{text[:30]} is too large to be an image id")
+        return int(text), None
+    raise InputError(
+        f"{text[:60]!r} is neither an image id (a whole number) nor a SHA-1 (40 hex digits)"
+    )
+
+
+def find_indexed(collection: Collection, ref: str | int) -> Image | None:
+    """The indexed image that an id or SHA-1 names, or None when there is none."""
+    image_id, sha1 = parse_image_ref(ref)
+    return collection.find_image(image_id=image_id, sha1=sha1)
+
+
+def indexed_vector(collection: Collection, image_id: int) -> np.ndarray | None:
+    """The vector of an indexed image from the collection's loaded index (None if not in it)."""
+    try:
+        return collection.index().reconstruct([image_id])[0]
+    except KeyError:  # indexed after this collection's index was loaded
+        return None
+
+
+def query_vector(
+    collection: Collection,
+    vector: np.ndarray,
+    *,
+    k: int,
+    text: str,
+    image_id: int | None = None,
+) -> QueryResult:
+    """The k nearest indexed images of one vector, nearest first (the query image first on ties)."""
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    index = collection.index()
+    k = min(k, len(index))
+    if k == 0:
+        return QueryResult(text, [])
+    matrix = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+    distances, ids = index.search(matrix, k + 1)
+    rows = collection.images(sorted({int(i) for i in ids.ravel() if i >= 0}))
+    pairs = [
+        (float(d), int(i))
+        for d, i in zip(distances[0], ids[0], strict=True)
+        if i >= 0 and int(i) in rows
+    ]
+    pairs.sort(key=lambda p: (p[0], p[1] != image_id, p[1]))
+    neighbors = [
+        Neighbor(rank, i, rows[i].path, rows[i].sha1, distance)
+        for rank, (distance, i) in enumerate(pairs[:k], start=1)
+    ]
+    return QueryResult(text, neighbors)
+
+
+@dataclass(frozen=True, slots=True)
+class BytesVector:
+    """The query vector of an image given as bytes, and the indexed image it is, if any."""
+
+    vector: np.ndarray
+    sha1: str
+    image_id: int | None
+
+
+def embed_bytes(
+    collection: Collection,
+    data: bytes,
+    *,
+    embedder_factory: EmbedderFactory,
+    max_pixels: int,
+    name: str = "the uploaded image",
+) -> BytesVector:
+    """A vector for image bytes: an indexed copy's stored vector, else the store's model's.
+
+    Raises ImageError (with the reason) for bytes that are not a usable image.
+    """
+    sha1 = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+    row = collection.find_image(sha1=sha1)
+    if row is not None:
+        vector = indexed_vector(collection, row.id)
+        if vector is not None:
+            return BytesVector(vector, sha1, row.id)
+    model = collection.model()
+    if model is None:
+        collection.index()  # raises the "index some images first" error
+    assert model is not None
+    embedder = embedder_factory(model[1])
+    _check_embedder(embedder, model[0], collection, [])
+    decoded = decode_image(
+        data, max_pixels=max_pixels, min_size=getattr(embedder, "input_size", None)
+    )
+    embed_images = getattr(embedder, "embed_images", None)
+    if embed_images is not None:
+        return BytesVector(np.asarray(embed_images([decoded.image])[0]), sha1, None)
+    # Embedders that only read files (the tests' fakes) get a temporary file.
+    with tempfile.TemporaryDirectory(prefix="simsearch-") as tmp:
+        path = os.path.join(tmp, "upload")
+        with open(path, "wb") as f:
+            f.write(data)
+        for batch in embedder.embed_files([path], workers=0):
+            for result in batch:
+                if result.vector is None:
+                    raise ImageError(f"cannot use {name}: {result.error}")
+                return BytesVector(result.vector, sha1, None)
+    raise ImageError(f"cannot use {name}: the model returned no vector")
+
+
+def compare_vectors(a: str, b: str, va: np.ndarray, vb: np.ndarray) -> DistanceResult:
+    """Euclidean distance (0..2) and cosine similarity of two unit vectors."""
+    va, vb = va.astype(np.float64), vb.astype(np.float64)
+    return DistanceResult(a, b, float(np.linalg.norm(va - vb)), float(np.dot(va, vb)))
+
+
+def indexed_folders(collection: Collection) -> list[str]:
+    """The outermost folders (symlinks resolved) that hold indexed images, sorted."""
+    folders = {
+        os.path.realpath(os.path.dirname(row.path))
+        for row in collection.known_files([os.sep]).values()
+        if row.status == STATUS_INDEXED
+    }
+    outermost: list[str] = []
+    for folder in sorted(folders):
+        if not any(_is_within(folder, kept) for kept in outermost):
+            outermost.append(folder)
+    return outermost
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def remove_images(collection: Collection, refs: Sequence[str | int]) -> RemoveSummary:
+    """Forget indexed images named by id or SHA-1 (every copy of a SHA-1); files stay."""
+    ids: set[int] = set()
+    not_found: list[str] = []
+    sha1s: set[str] = set()
+    for ref in refs:
+        image_id, sha1 = parse_image_ref(ref)
+        row = collection.find_image(image_id=image_id, sha1=sha1)
+        if row is None:
+            not_found.append(str(ref))
+            continue
+        ids.add(row.id)
+        if sha1 is not None:
+            sha1s.add(sha1)
+    if collection.model() is not None:
+        collection.index()
+    removed = 0
+    while ids:
+        collection.apply(Changes(removals=sorted(ids)))
+        removed += len(ids)
+        # find_image gives one copy of a SHA-1 at a time: repeat until none is left.
+        ids = {row.id for s in sha1s if (row := collection.find_image(sha1=s)) is not None}
+    collection.save_index()
+    return RemoveSummary(removed, not_found)
+
+
+def thumbnail(path: str, size: int, *, max_pixels: int, quality: int = 85) -> bytes:
+    """A JPEG of at most size x size pixels of an image file (ImageError if it cannot be read)."""
+    from PIL import Image as PILImage
+
+    decoded = decode_image(path, max_pixels=max_pixels, min_size=size)
+    image = decoded.image
+    image.thumbnail((size, size), PILImage.Resampling.LANCZOS, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()

@@ -30,6 +30,9 @@ COMMANDS = [
     "triplets import",
     "triplets sample",
     "train",
+    "serve",
+    "export imagecat",
+    "duplicates",
 ]
 
 

@@ -47,6 +47,7 @@ _PILLOW_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 _CHUNK = 1 << 20
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO for reading must not wait
 _WHITE = (255, 255, 255)
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,16 @@ class Skipped:
 
     path: str  # printable: undecodable bytes of a file name are shown escaped
     reason: str  # one line: what is wrong and, where possible, what to do
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedJpeg:
+    """A JPEG's bytes, checked from its header, for a GPU to decode."""
+
+    data: bytes
+    width: int  # after EXIF orientation, as DecodedImage reports it
+    height: int
+    orientation: int = 1  # EXIF orientation (1-8) for the decoder to apply; 1: as stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +387,38 @@ def decode_image(
                 raise ImageError("empty file (0 bytes)")
             return _decode_stream(f, max_pixels, min_size)
     return _decode_stream(source, max_pixels, min_size)
+
+
+def read_jpeg(
+    path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> EncodedJpeg | None:
+    """The bytes of a plain, complete RGB or grey JPEG within the pixel limit, else None.
+
+    For decoding on a GPU (nvJPEG): only its header is parsed here. Anything else, including a
+    file with no end-of-image marker (likely truncated), is left to `decode_image`, which
+    decodes it or says why it cannot.
+    """
+    Image.MAX_IMAGE_PIXELS = None  # our limit governs, as in _decode_stream
+    try:
+        with _open_regular_file(path) as f:
+            with Image.open(f, formats=("JPEG",)) as img:  # the header only
+                width, height = img.size
+                if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                    return None
+                if not 0 < width * height <= max_pixels:
+                    return None
+                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+            f.seek(0)
+            data = f.read()
+    except Exception:  # decode_image will give the reason
+        return None
+    if not data.rstrip(b"\0\r\n").endswith(b"\xff\xd9"):
+        return None
+    if orientation not in range(1, 9):
+        orientation = 1  # as exif_transpose: an unknown value means no rotation
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
+        width, height = height, width
+    return EncodedJpeg(data, width, height, orientation)
 
 
 def _decode_stream(fp: BinaryIO, max_pixels: int, min_size: int | None) -> DecodedImage:

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SHA1_PATTERN = re.compile(r"^[0-9a-fA-F]{40}$")
 MAX_IMAGE_ID = 2**63 - 1  # SQLite's and FAISS's 64-bit ids
+WRITE_ROWS = 512  # rows per transaction while embedding
+WRITE_SECONDS = 2.0  # ...or seconds between transactions
 CHECKPOINT_SECONDS = 120.0  # save the index this often during long runs
 
 
@@ -321,8 +323,8 @@ def _embed(
             batch_size=settings.batch_size,
             workers=settings.workers,
         )
+        changes, last_write = Changes(), time.monotonic()
         for batch in batches:
-            changes = Changes()
             for result in batch:
                 entry, row, sha1 = jobs[result.position]
                 if result.vector is None:
@@ -334,11 +336,18 @@ def _embed(
                     _record(entry, row, sha1, result.vector, result.width, result.height)
                 )
                 _count_new(summary, row)
-            collection.apply(changes)
             progress.advance(len(batch))
-            if time.monotonic() - last_save > CHECKPOINT_SECONDS:
+            now = time.monotonic()
+            # Large transactions are cheaper per row; a kill loses at most WRITE_SECONDS of work.
+            if len(changes.records) >= WRITE_ROWS or now - last_write > WRITE_SECONDS:
+                collection.apply(changes)
+                changes, last_write = Changes(), now
+            if now - last_save > CHECKPOINT_SECONDS:
+                collection.apply(changes)
+                changes = Changes()
                 collection.save_index()
                 last_save = time.monotonic()
+        collection.apply(changes)
     finally:
         progress.close()
 

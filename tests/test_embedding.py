@@ -21,7 +21,7 @@ from simsearch.embedding import (
 )
 from simsearch.errors import InputError
 from simsearch.images import decode_image
-from simsearch.model import BASELINE_MODEL, load_model
+from simsearch.model import BASELINE_MODEL, DEFAULT_MODEL, load_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "images"
 
@@ -104,6 +104,7 @@ def test_embedder_describes_its_model(embedder, model):
     assert embedder.spec == BASELINE_MODEL
     assert embedder.dim == 1280
     assert embedder.device == torch.device("cpu") and embedder.precision == "fp32"
+    assert not embedder.device_jpeg and not embedder.compiled  # GPU decoding is for CUDA only
     assert list(embedder.embed_files([])) == []
     with pytest.raises(InputError, match="batch size must be at least 1"):
         embedder.embed_files(["x.jpg"], batch_size=0)
@@ -208,3 +209,352 @@ def test_bf16_nearest_neighbours_match_fp32(model):
         i, j = names.index(a), names.index(b)
         for p in ("fp32", "bf16"):
             assert top[p][i, 0] == j and top[p][j, 0] == i, (p, a, b)
+
+
+# -- reduced decoding ---------------------------------------------------------------------------
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_reduced_decoding_is_big_enough_and_embeds_like_a_full_decode(embedder, tmp_path):
+    """JPEG draft mode and reduce-first resizing: fast, and the vectors do not notice."""
+    size = embedder.input_size
+    jpeg = make_jpeg(tmp_path / "big.jpg", size=(1600, 1200), seed=7)
+    reduced = decode_image(jpeg, min_size=size).image
+    assert reduced.size[0] < 1600 and min(reduced.size) >= size  # decoded smaller, not too small
+    png = make_png(tmp_path / "big.png", size=(1200, 1000), seed=8)
+    results = _flatten(embedder.embed_files([jpeg, png], workers=0))
+    for result, path in zip(results, (jpeg, png), strict=True):
+        full = Image.open(path).convert("RGB")  # every pixel, then one exact bicubic resize
+        side = min(full.size)
+        box = ((full.width - side) / 2, (full.height - side) / 2)
+        box = (*box, box[0] + side, box[1] + side)
+        exact = full.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
+        assert _cosine(result.vector, embedder.embed_images([exact])[0]) > 0.99, path
+
+
+def test_prepare_image_is_contiguous_channels_first():
+    x = prepare_image(Image.new("RGB", (50, 40), (1, 2, 3)), 32)
+    assert x.shape == (3, 32, 32) and x.is_contiguous()
+    assert x[:, 5, 5].tolist() == [1, 2, 3]
+
+
+# -- the worker pipeline ------------------------------------------------------------------------
+@pytest.fixture
+def many_files(tmp_path: Path) -> list[str]:
+    """21 files, bad ones at the start, the end and side by side, JPEGs and PNGs mixed."""
+    d = tmp_path
+    out = [truncated_jpeg(d, "t0.jpg")]
+    for i in range(1, 20):
+        if i in (6, 7):
+            out.append(text_named_jpg(d, f"n{i}.jpg"))
+        elif i % 3:
+            out.append(make_jpeg(d / f"j{i}.jpg", size=(40 + i, 60), seed=i))
+        else:
+            out.append(make_png(d / f"p{i}.png", size=(60, 40 + i), seed=i))
+    out.append(zero_byte(d, "z20.jpg"))
+    return out
+
+
+@pytest.mark.parametrize(("workers", "batch_size"), [(1, 5), (2, 5), (2, 20), (2, 64)])
+def test_workers_keep_positions_order_and_failures(embedder, many_files, monkeypatch, workers,
+                                                   batch_size):  # fmt: skip
+    """workers=1 decodes in a worker for this process's network; 2 or more also embed there."""
+    monkeypatch.setattr(embedding.os, "cpu_count", lambda: 2)  # the same modes on any machine
+    serial = list(embedder.embed_files(many_files, batch_size=batch_size, workers=0))
+    batches = list(embedder.embed_files(many_files, batch_size=batch_size, workers=workers))
+    n = len(many_files)
+    expected = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    assert [len(b) for b in batches] == [len(b) for b in serial] == expected
+    results = _flatten(batches)
+    assert [r.position for r in results] == list(range(n))
+    assert [r.path for r in results] == many_files
+    bad = {0: "truncated", 6: "not an image", 7: "not an image", 20: "empty file"}
+    assert {r.position for r in results if r.vector is None} == set(bad)
+    for a, b in zip(_flatten(serial), results, strict=True):
+        assert (a.error, a.width, a.height) == (b.error, b.width, b.height)
+        if a.position in bad:
+            assert bad[a.position] in b.error
+        else:
+            np.testing.assert_allclose(a.vector, b.vector, atol=1e-6)
+
+
+def test_plan_job_for_each_device():
+    """Where the network runs and who decodes, for CPUs small and big, GPUs, compiled nets."""
+    plan = embedding.plan_job
+    cpu2 = plan("cpu", 1000, 32, cores=2)
+    assert (cpu2.workers, cpu2.unit, cpu2.network_in_workers, cpu2.pin_memory) == (
+        2,
+        16,
+        True,
+        False,
+    )
+    assert plan("cpu", 20, 32, cores=2).workers == 0  # small: all here, no processes to start
+    one = plan("cpu", 1000, 32, workers=1, cores=2)  # one decoder feeding this process
+    assert (one.workers, one.unit, one.network_in_workers) == (1, 32, False)
+    assert plan("cpu", 1000, 32, workers=0, cores=2).workers == 0
+    big = plan("cpu", 1000, 32, cores=32)
+    assert (big.workers, big.unit, big.network_in_workers) == (6, 32, False)
+    compiled = plan("cpu", 1000, 32, compiled=True, cores=2)
+    assert (compiled.workers, compiled.network_in_workers) == (2, False)
+    gpu = plan("cuda", 1000, 64, cores=16)
+    assert (gpu.workers, gpu.unit, gpu.network_in_workers, gpu.pin_memory) == (8, 64, False, True)
+    assert plan("mps", 1000, 64, cores=8).network_in_workers is False
+
+
+def test_inference_workers(monkeypatch):
+    monkeypatch.setattr(embedding.os, "cpu_count", lambda: 2)
+    assert embedding.inference_workers(10, 16) == 0  # too small to pay for processes
+    assert embedding.inference_workers(1000, 16) == 2  # one per core, each embedding
+    assert embedding.inference_workers(1000, 32, "cuda") == 1
+    monkeypatch.setattr(embedding.os, "cpu_count", lambda: 1)
+    assert embedding.inference_workers(1000, 16) == 0
+    monkeypatch.setattr(embedding.os, "cpu_count", lambda: 32)
+    assert embedding.inference_workers(1000, 16) == 6  # decoders for this process's threads
+    assert embedding.inference_workers(1000, 32, "cuda") == 2 * embedding.MAX_WORKERS
+
+
+# -- the CPU inference copy ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model(DEFAULT_MODEL)
+
+
+def _photos(n: int, size: int) -> torch.Tensor:
+    from badfiles import photo_like
+
+    return torch.stack([prepare_image(photo_like((size, size), seed=i), size) for i in range(n)])
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_cpu_inference_copy_computes_what_the_model_does(default_model, fuse):
+    model = default_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    net = embedding.optimize_for_cpu(model, fuse=fuse)
+    assert net is not model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # all folded
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert sum(isinstance(m, embedding._InferenceConv) for m in net.modules()) == convs
+    fused = [m.act for m in net.modules() if isinstance(m, embedding._InferenceConv)]
+    assert fused.count("hardtanh") > 10  # the ReLU6 of every inverted residual block
+    assert fused.count("relu") == 2  # the shallow paths' ReLU
+    assert isinstance(net.path_p, embedding._InferenceShallowPath)
+    x = _photos(3, model.config.input_size)
+    with torch.inference_mode():
+        want, got = model(x), net(x.contiguous(memory_format=torch.channels_last))
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5)
+    after = model.state_dict()  # the model itself is untouched
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (225, 223), (17, 30)])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation"), [(3, 2, 1), (5, 2, 1), (3, 1, 1), (3, 2, 2)]
+)
+def test_same_padding_becomes_a_shifted_kernel(hw, kernel, stride, dilation):
+    """timm's Conv2dSame (TF padding, one more on the end) + BatchNormAct, for any input size."""
+    from timm.layers import BatchNormAct2d, Conv2dSame
+
+    torch.manual_seed(0)
+    conv = Conv2dSame(6, 6, kernel, stride=stride, dilation=dilation, groups=6, bias=False)
+    norm = BatchNormAct2d(6, act_layer=torch.nn.ReLU6).eval()
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    act, _rest = embedding._norm_activation(norm)
+    fast = embedding._InferenceConv(
+        conv, norm, act, (224, 224), embedding.fused_convolution_available()
+    )
+    x = torch.randn(2, 6, *hw) * 3
+    with torch.inference_mode():
+        np.testing.assert_allclose(fast(x).numpy(), norm(conv(x)).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 224, 224), (1, 3, 30, 17), (2, 5, 16, 16)])
+@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_average_pool_is_avg_pool2d(shape, k, channels_last):
+    x = torch.randn(*shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.avg_pool2d(x, k)
+    got = embedding._average_pool(x, k)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+
+
+class _TrickyNet(torch.nn.Module):
+    """A convolution's output used twice: by its batch norm and by a shortcut around it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(input_size=32)
+        self.model_id = "tricky"
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(4).eval()
+        with torch.no_grad():
+            self.norm.running_mean.fill_(5.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.float() / 255)
+        return torch.nn.functional.normalize((self.norm(y) + y).flatten(1), dim=1)
+
+
+def test_a_network_the_copy_would_get_wrong_is_used_as_it_is(caplog):
+    net = _TrickyNet()
+    assert embedding.optimize_for_cpu(net) is net
+    assert "disagrees" in caplog.text
+
+
+# -- torch.compile ------------------------------------------------------------------------------
+def test_choose_compile():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    big = embedding.COMPILE_MIN_IMAGES
+    assert not embedding.choose_compile(cpu, "auto", 10 * big)  # never repaid on CPUs here
+    assert not embedding.choose_compile(cuda, "auto", big - 1)
+    assert embedding.choose_compile(cuda, "auto", big)
+    assert embedding.choose_compile(cpu, "on", 1) and not embedding.choose_compile(cuda, "off", big)
+    with pytest.raises(InputError, match="unknown compile mode 'yes'; choose one of auto, on, off"):
+        embedding.choose_compile(cpu, "yes", 1)
+
+
+@pytest.fixture(scope="module")
+def compiling(model):
+    """An Embedder that compiles every job (what each test's torch.compile does varies)."""
+    return Embedder(model, device="cpu", precision="fp32", compile="on")
+
+
+@pytest.mark.parametrize("failure", ["absent", "at compile", "at first call"])
+def test_compile_failures_fall_back_to_the_eager_network(
+    compiling, embedder, files, monkeypatch, failure
+):
+    def broken_compile(net, **kwargs):
+        if failure == "at compile":
+            raise RuntimeError("no C++ compiler")
+
+        def compiled(x):
+            raise RuntimeError("inductor crashed")
+
+        return compiled
+
+    if failure == "absent":
+        monkeypatch.delattr(torch, "compile")
+    else:
+        monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(compiling, "_runner", embedding._Runner(
+        compiling._runner.net, compiling.device, compiling.precision, compiling.micro_batch
+    ))  # fmt: skip
+    got = _flatten(compiling.embed_files(files, batch_size=3, workers=0))
+    want = _flatten(embedder.embed_files(files, batch_size=3, workers=0))
+    assert not compiling.compiled
+    for a, b in zip(got, want, strict=True):
+        assert (a.position, a.error) == (b.position, b.error)
+        if a.vector is not None:
+            np.testing.assert_allclose(a.vector, b.vector, atol=1e-5)
+
+
+def test_a_compiled_network_always_sees_one_batch_size(compiling, embedder, files, monkeypatch):
+    sizes = []
+
+    def fake_compile(net, **kwargs):
+        def compiled(x):
+            sizes.append(x.shape[0])
+            return net(x)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(compiling, "_runner", embedding._Runner(
+        compiling._runner.net, compiling.device, compiling.precision, compiling.micro_batch
+    ))  # fmt: skip
+    got = _flatten(compiling.embed_files(files, batch_size=4, workers=2))
+    assert compiling.compiled
+    assert len(set(sizes)) == 1 and len(sizes) >= 2  # the short last batch was padded
+    want = _flatten(embedder.embed_files(files, batch_size=4, workers=0))
+    for a, b in zip(got, want, strict=True):
+        assert (a.position, a.error) == (b.position, b.error)
+        if a.vector is not None:
+            np.testing.assert_allclose(a.vector, b.vector, atol=1e-5)
+
+
+# -- the GPU path, run on the CPU ---------------------------------------------------------------
+def test_device_jpeg_decoding_path_gives_the_same_results(embedder, files, monkeypatch):
+    """The CUDA path (JPEG bytes from the workers, decoded by torchvision) with device=cpu."""
+    want = _flatten(embedder.embed_files(files, batch_size=3, workers=0))
+    monkeypatch.setattr(embedder, "device_jpeg", True)
+    for workers in (0, 1):
+        got = _flatten(embedder.embed_files(files, batch_size=3, workers=workers))
+        assert [r.position for r in got] == list(range(len(files)))
+        for a, b in zip(got, want, strict=True):
+            assert (a.path, a.error, a.width, a.height) == (b.path, b.error, b.width, b.height)
+            if a.vector is not None:
+                assert _cosine(a.vector, b.vector) > 0.99
+
+
+def test_device_jpeg_falls_back_to_the_cpu_for_what_the_device_cannot_decode(
+    embedder, tmp_path, monkeypatch
+):
+    good = make_jpeg(tmp_path / "good.jpg", size=(50, 40), seed=1)
+    other = make_jpeg(tmp_path / "other.jpg", size=(50, 40), seed=2)
+    want = _flatten(embedder.embed_files([good, other], workers=0))
+    real = embedding.decode_jpegs
+
+    def half_broken(datas, *args):
+        out = real(datas, *args)
+        return [None, *out[1:]]  # the first could not be decoded on the device
+
+    monkeypatch.setattr(embedder, "device_jpeg", True)
+    monkeypatch.setattr(embedding, "decode_jpegs", half_broken)
+    got = _flatten(embedder.embed_files([good, other], workers=0))
+    np.testing.assert_allclose(got[0].vector, want[0].vector, atol=1e-6)  # the CPU decoded it
+    assert _cosine(got[1].vector, want[1].vector) > 0.99
+
+
+def test_decode_jpegs_and_crop_resize():
+    from badfiles import jpeg_bytes
+
+    data = torch.frombuffer(bytearray(jpeg_bytes(size=(96, 32), seed=3)), dtype=torch.uint8)
+    garbage = torch.frombuffer(bytearray(b"\xff\xd8 not really a jpeg \xff\xd9"), dtype=torch.uint8)
+    out = embedding.decode_jpegs([data, garbage, data], torch.device("cpu"), 24)
+    assert out[1] is None
+    assert out[0].shape == (3, 24, 24) and out[0].dtype == torch.uint8
+    assert torch.equal(out[0], out[2])
+    # the centre square, like prepare_image: red | green | blue thirds give green
+    image = torch.zeros(3, 10, 30, dtype=torch.uint8)
+    image[0, :, :10], image[1, :, 10:20], image[2, :, 20:] = 255, 255, 255
+    crop = embedding.crop_resize(image, 20)
+    assert crop.shape == (3, 20, 20) and crop[1].float().mean() > 250 and crop[0].max() < 5
+    assert torch.equal(embedding.crop_resize(image, 10), image[:, :, 10:20])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_turns_as_pillow_does(orientation):
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(orientation)
+    image = Image.fromarray(rng.integers(0, 256, (3, 5, 3), dtype=np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.info["exif"] = exif.tobytes()
+    want = np.asarray(ImageOps.exif_transpose(image))
+    got = embedding.orient(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), orientation)
+    np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), want)
+
+
+def test_device_decoding_applies_exif_orientation(tmp_path):
+    from badfiles import exif_rotated_jpeg
+
+    from simsearch.images import read_jpeg
+
+    path = exif_rotated_jpeg(tmp_path)
+    jpeg = read_jpeg(path)
+    assert jpeg is not None and jpeg.orientation == 6
+    data = torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8)
+    [crop] = embedding.decode_jpegs([data], torch.device("cpu"), 48, [jpeg.orientation])
+    want = embedding._prepare_array(decode_image(path).image, 48)  # Pillow, EXIF applied
+    diff = np.abs(crop.permute(1, 2, 0).numpy().astype(int) - want.astype(int))
+    assert diff.mean() < 4  # the red corner in the same place: unturned, it differs by ~19

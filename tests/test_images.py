@@ -28,6 +28,7 @@ from simsearch.images import (
     decode_image,
     discover,
     printable_path,
+    read_jpeg,
     sha1_file,
 )
 
@@ -540,6 +541,55 @@ def test_draft_mode_keeps_small_jpegs_and_other_formats_whole(tmp_path):
     assert decode_image(small, min_size=224).image.size == (300, 200)
     png = badfiles.make_png(tmp_path / "big.png", size=(1000, 800))
     assert decode_image(png, min_size=224).image.size == (1000, 800)
+
+
+# ---------------------------------------------------------------------------------------------
+# read_jpeg: bytes for a GPU to decode, only for plain complete JPEGs
+
+
+def test_read_jpeg_returns_the_bytes_and_the_size_without_decoding(tmp_path, monkeypatch):
+    path = badfiles.make_jpeg(tmp_path / "a.jpg", size=(64, 48))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded"))
+    jpeg = read_jpeg(path)
+    assert jpeg is not None
+    assert jpeg.data == Path(path).read_bytes()
+    assert (jpeg.width, jpeg.height, jpeg.orientation) == (64, 48, 1)
+
+
+def test_read_jpeg_reports_the_size_after_exif_orientation_as_decode_image_does(tmp_path):
+    path = badfiles.exif_rotated_jpeg(tmp_path)
+    jpeg = read_jpeg(path)
+    decoded = decode_image(path)
+    assert jpeg is not None and (jpeg.width, jpeg.height) == (decoded.width, decoded.height)
+    assert (jpeg.width, jpeg.height) == (48, 64)
+    assert jpeg.orientation == 6  # for the device to apply, as torchvision does not there
+
+
+def test_read_jpeg_leaves_everything_unusual_to_decode_image(tmp_path):
+    """Truncated, CMYK, over the pixel limit, not a JPEG, unreadable: None, never an error."""
+    d = tmp_path
+    ok = badfiles.make_jpeg(d / "ok.jpg", size=(40, 30))
+    assert read_jpeg(ok, max_pixels=40 * 30) is not None
+    assert read_jpeg(ok, max_pixels=40 * 30 - 1) is None
+    for path in (
+        badfiles.truncated_jpeg(d),
+        badfiles.cmyk_jpeg(d),
+        badfiles.make_png(d / "p.png"),
+        badfiles.make_png(d / "png-named.jpg"),
+        badfiles.text_named_jpg(d),
+        badfiles.zero_byte(d),
+        str(d / "missing.jpg"),
+        str(d),
+    ):
+        assert read_jpeg(path) is None, path
+    with deadline(5):
+        assert read_jpeg(badfiles.fifo_named_jpg(d)) is None
+
+
+def test_read_jpeg_accepts_trailing_padding_after_the_end_marker(tmp_path):
+    path = tmp_path / "padded.jpg"
+    path.write_bytes(badfiles.jpeg_bytes() + b"\0\0\r\n")
+    assert read_jpeg(path) is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ from consistency import assert_consistent
 
 pytestmark = pytest.mark.slow
 
+# Enough photos for a run of several transactions (library.WRITE_ROWS rows or WRITE_SECONDS each).
+N_PHOTOS = 1600
+
 
 def vector_count(db: Path) -> int:
     try:
@@ -30,9 +33,9 @@ def vector_count(db: Path) -> int:
 def test_killed_index_run_is_finished_by_the_next_run(tmp_path, kill_after):
     photos = tmp_path / "photos"
     photos.mkdir()
-    for i in range(160):
+    for i in range(N_PHOTOS):
         badfiles.make_jpeg(
-            photos / f"p{i:03d}.jpg",
+            photos / f"p{i:04d}.jpg",
             size=(40, 30),
             seed=i,
             color=(i % 256, (7 * i) % 256, (13 * i) % 256),
@@ -66,7 +69,7 @@ def test_killed_index_run_is_finished_by_the_next_run(tmp_path, kill_after):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = vector_count(db)
-    assert done_before < 160, "the run finished before it could be killed"
+    assert done_before < N_PHOTOS, "the run finished before it could be killed"
 
     # Even before the next run, a reader sees a consistent store.
     if done_before:
@@ -75,9 +78,9 @@ def test_killed_index_run_is_finished_by_the_next_run(tmp_path, kill_after):
     finish = subprocess.run(command, capture_output=True, text=True)
     assert finish.returncode == 0, finish.stderr
     summary = json.loads(finish.stdout)
-    assert summary["added"] + summary["unchanged"] == 160
+    assert summary["added"] + summary["unchanged"] == N_PHOTOS
     assert summary["failed"] == 0
-    assert len(assert_consistent(store)) == 160
+    assert len(assert_consistent(store)) == N_PHOTOS
     assert [p.name for p in store.glob("*.faiss")] != []
     assert not list(store.glob(".*.tmp"))
 
@@ -85,12 +88,12 @@ def test_killed_index_run_is_finished_by_the_next_run(tmp_path, kill_after):
 def test_queries_keep_working_while_an_index_run_writes(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
-    for i in range(160):
-        badfiles.make_jpeg(photos / f"p{i:03d}.jpg", size=(40, 30), seed=i)
+    for i in range(N_PHOTOS):
+        badfiles.make_jpeg(photos / f"p{i:04d}.jpg", size=(40, 30), seed=i)
     store = tmp_path / "store"
     base = [sys.executable, "-m", "simsearch"]
     first = subprocess.run(
-        [*base, "index", str(photos / "p000.jpg"), "--store", str(store)],
+        [*base, "index", str(photos / "p0000.jpg"), "--store", str(store)],
         capture_output=True,
         text=True,
     )
@@ -121,4 +124,4 @@ def test_queries_keep_working_while_an_index_run_writes(tmp_path):
     assert results[0]["id"] == 1 and results[0]["distance"] == 0.0
     assert len(results) == 5
     assert writer.returncode == 3 and "another simsearch process" in writer.stderr
-    assert len(assert_consistent(store)) == 160
+    assert len(assert_consistent(store)) == N_PHOTOS

@@ -97,9 +97,9 @@ def index(
         str | None,
         typer.Option(
             "--model",
-            help="Builtin model (convnet-efficientnet_lite0, convnet-vgg16, convnet-resnet50) "
-            "or a .safetensors checkpoint. Default: the store's model, else "
-            "convnet-efficientnet_lite0.",
+            help="Builtin model (deepranking-efficientnet_lite0, convnet-efficientnet_lite0, "
+            "convnet-vgg16, convnet-resnet50) or a .safetensors checkpoint. Default: the store's "
+            "model, else deepranking-efficientnet_lite0.",
         ),
     ] = None,
     reindex: Annotated[
@@ -108,6 +108,15 @@ def index(
             "--reindex", help="Re-embed every image (needed to change the store's model)."
         ),
     ] = False,
+    index_factory: Annotated[
+        str | None,
+        typer.Option(
+            "--index-factory",
+            help="FAISS factory string for the store's index (e.g. Flat, HNSW32, "
+            "IVF4096,PQ256x4fs) or 'auto': exact below 200,000 vectors, then IVF-PQ re-ranked "
+            "exactly. Saved in the store.",
+        ),
+    ] = None,
     batch_size: BatchSizeOption = DEFAULT_BATCH_SIZE,
     workers: WorkersOption = None,
     device: DeviceOption = None,
@@ -128,6 +137,8 @@ def index(
             batch_size=batch_size, workers=workers, device=device, max_pixels=pixels
         )
         with _open(store, write=True) as collection:
+            if index_factory is not None:
+                collection.set_index_factory(index_factory)
             summary = library.index_paths(
                 collection,
                 [str(f) for f in folders],

@@ -5,6 +5,11 @@ after the generation it holds (`index-<g>.faiss`); on open, the newest file is l
 up to date from the rows whose `generation` is newer (re-embedded or new vectors) and from the
 tombstones (removed vectors). A kill at any moment therefore leaves a store that the next open
 repairs, without re-embedding anything.
+
+The kind of index follows the store's size (`simsearch.ann.choose_index`): exact search while it
+is small, an approximate index re-ranked exactly once it is large, or the FAISS factory string
+the store's `index_factory` setting names. A writer switches kinds when it saves the index, so
+the file of one generation always holds one complete index of one kind.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import numpy as np
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from simsearch.errors import ModelMismatchError, StoreError
+from simsearch import ann
+from simsearch.errors import InputError, ModelMismatchError, StoreError
 from simsearch.index import VectorIndex
 from simsearch.store import STATUS_FAILED, STATUS_INDEXED, Embedding, Image, Store, Tombstone
 
@@ -35,6 +41,13 @@ KEY_PRUNED = "tombstones_pruned_through"
 KEY_MODEL_ID = "model_id"
 KEY_MODEL_SPEC = "model_spec"
 KEY_DIM = "dim"
+KEY_INDEX_FACTORY = "index_factory"  # a FAISS factory string, or absent for the automatic choice
+AUTO = "auto"
+# An automatic approximate index is rebuilt when the store has grown or shrunk this much since
+# its training sample was drawn (its inverted lists are sized for that many vectors).
+REBUILD_GROWTH = 4.0
+# ... and goes back to exact search below this share of the threshold that created it.
+FLAT_RETURN_FRACTION = 0.5
 
 
 def index_file_name(generation: int) -> str:
@@ -103,16 +116,28 @@ class Changes:
 class Collection:
     """The store's rows and vectors with a FAISS index that always matches them."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, memory_budget: int | None = None) -> None:
         self.store = store
         self._index: VectorIndex | None = None
         self._index_generation: int | None = None
         self._saved_generation: int | None = None
+        self._memory_budget = memory_budget
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: Path, *, write: bool) -> Collection:
-        """Open for reading (queries), or for writing (takes the store's writer lock)."""
+    def open(
+        cls,
+        root: Path,
+        *,
+        write: bool,
+        index_factory: str | None = None,
+        memory_budget: int | None = None,
+    ) -> Collection:
+        """Open for reading (queries), or for writing (takes the store's writer lock).
+
+        `index_factory` (writers only) records a FAISS factory string for the store's index, or
+        "auto" for the automatic choice; `memory_budget` (bytes) bounds the automatic choice.
+        """
         store = Store.open(root, create=write)
         if write:
             try:
@@ -120,7 +145,17 @@ class Collection:
             except Exception:
                 store.close()
                 raise
-        return cls(store)
+        collection = cls(store, memory_budget=memory_budget)
+        if index_factory is not None:
+            if not write:
+                store.close()
+                raise StoreError("internal: index_factory needs the store opened for writing")
+            try:
+                collection.set_index_factory(index_factory)
+            except Exception:
+                store.close()
+                raise
+        return collection
 
     def close(self) -> None:
         self.store.close()
@@ -173,6 +208,83 @@ class Collection:
         self._index = VectorIndex(dim)
         self._index_generation = generation
         self._saved_generation = None
+
+    # -- the kind of index ---------------------------------------------------------------
+    def index_factory(self) -> str | None:
+        """The FAISS factory string the store asks for, or None for the automatic choice."""
+        value = self.store.settings().get(KEY_INDEX_FACTORY)
+        return None if value in (None, "", AUTO) else value
+
+    def set_index_factory(self, factory: str | None) -> None:
+        """Ask for an index kind ("Flat", "HNSW32", "IVF4096,PQ64x4fs"...; None or "auto" for
+        the automatic choice); it takes effect when the index is next saved."""
+        self._require_writer()
+        factory = (factory or AUTO).strip()
+        if factory.lower() == AUTO:
+            factory = AUTO
+        else:
+            model = self.model()
+            try:  # refuse a bad string now, not at the next save
+                VectorIndex(model[2] if model else 64, factory)
+            except ValueError as exc:
+                raise InputError(f"index factory {factory!r}: {exc}") from None
+        with self.store.session() as session:
+            if (self.store.get_setting(session, KEY_INDEX_FACTORY) or AUTO) == factory:
+                return
+            self.store.set_setting(session, KEY_INDEX_FACTORY, factory)
+        self._saved_generation = None  # the next save_index builds the new kind
+
+    def memory_budget(self) -> int:
+        return self._memory_budget or ann.default_memory_budget()
+
+    def wanted_index(self, n_vectors: int, dim: int) -> ann.IndexChoice:
+        """The index this store should have for n vectors (its setting, else the automatic one)."""
+        factory = self.index_factory()
+        if factory is None:
+            return ann.choose_index(n_vectors, dim, self.memory_budget())
+        if factory != ann.FLAT and not ann.trainable(factory, n_vectors):
+            return ann.IndexChoice(
+                ann.FLAT, reason=f"{n_vectors} vectors are too few to train {factory}"
+            )
+        return ann.choice_for_factory(factory, n_vectors)
+
+    def _needs_new_kind(self, index: VectorIndex) -> ann.IndexChoice | None:
+        """The index to build instead of `index`, or None to keep it."""
+        n = len(index)
+        want = self.wanted_index(n, index.dim)
+        if self.index_factory() is not None:
+            return None if want.factory == index.factory else want
+        # Automatic: with some hysteresis, so that a store near a threshold does not flip.
+        if not index.approximate:
+            return want if want.approximate else None
+        if not want.approximate:
+            return want if n < ann.FLAT_MAX_VECTORS * FLAT_RETURN_FRACTION else None
+        if index.built_for == 0:  # trained elsewhere: its size is unknown, keep it
+            return None
+        built = index.built_for
+        grown = n / built if n >= built else built / max(n, 1)
+        return want if grown >= REBUILD_GROWTH else None
+
+    def _build_index(
+        self, choice: ann.IndexChoice, dim: int, ids: np.ndarray, vectors: np.ndarray
+    ) -> VectorIndex:
+        """A new index of the chosen kind holding these vectors (trained on a seeded sample)."""
+        log.info("building %s index of %d vectors: %s", choice.factory, len(ids), choice.reason)
+        return VectorIndex.build(
+            dim,
+            ids,
+            vectors,
+            choice.factory,
+            train_size=choice.train_size or None,
+            nprobe=choice.nprobe,
+            ef_search=choice.ef_search,
+            rerank=choice.rerank,
+        )
+
+    def _convert(self, index: VectorIndex, choice: ann.IndexChoice) -> VectorIndex:
+        ids = index.ids()
+        vectors = index.reconstruct(ids) if len(ids) else np.empty((0, index.dim), dtype=np.float32)
+        return self._build_index(choice, index.dim, ids, vectors)
 
     # -- reading -------------------------------------------------------------------------
     @staticmethod
@@ -395,17 +507,25 @@ class Collection:
         return image_id, True
 
     def save_index(self) -> None:
-        """Write the index for the current generation atomically and drop older files."""
+        """Write the index for the current generation atomically and drop older files.
+
+        This is where the index changes kind when the store has crossed a size threshold (or
+        its `index_factory` setting changed): the new index is built, then saved.
+        """
         self._require_writer()
         if self.model() is None:
             return
         index = self.index()
         generation = self._index_generation
         assert generation is not None
+        choice = self._needs_new_kind(index)
+        if choice is not None:
+            index = self._index = self._convert(index, choice)
+            self._saved_generation = None
         if self._saved_generation == generation:
             return
         path = self.root / index_file_name(generation)
-        if not path.exists():
+        if choice is not None or not path.exists():
             index.save(path)
         self._saved_generation = generation
         self._remove_index_files(keep=generation)
@@ -461,7 +581,7 @@ class Collection:
                 log.warning("index file disagrees with the store; rebuilding it")
                 index = None
             if index is None:
-                index, base = self._rebuild(session, dim), -1
+                index, base = self._rebuild(session, dim, expected), -1
         self._index = index
         self._index_generation = generation
         self._saved_generation = generation if base == generation else None
@@ -474,8 +594,10 @@ class Collection:
         for file_generation, path in self.index_files():
             if file_generation > generation or file_generation < pruned:
                 continue
+            # A reader of a current file maps it read-only (FAISS's mmap); others may catch up.
+            mmap = not self.store.is_writer and file_generation == generation
             try:
-                index = VectorIndex.load(path)
+                index = VectorIndex.load(path, mmap=mmap)
             except (StoreError, OSError) as exc:
                 log.warning("%s", exc)
                 continue
@@ -499,10 +621,15 @@ class Collection:
             index.add(fresh_ids, fresh_vectors)
         log.info("index caught up from generation %d: %d changed vectors", base, touched.size)
 
-    def _rebuild(self, session: Session, dim: int) -> VectorIndex:
-        index = VectorIndex(dim)
-        for ids, vectors in self._iter_vectors(session, None, dim):
-            index.add(ids, vectors)
+    def _rebuild(self, session: Session, dim: int, expected: int) -> VectorIndex:
+        choice = self.wanted_index(expected, dim)
+        if choice.approximate:
+            ids, vectors = self._read_vectors(session, None, dim)
+            index = self._build_index(choice, dim, ids, vectors)
+        else:
+            index = VectorIndex(dim)
+            for ids, vectors in self._iter_vectors(session, None, dim):
+                index.add(ids, vectors)
         log.info("index rebuilt from %d stored vectors", len(index))
         return index
 

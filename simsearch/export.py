@@ -132,6 +132,9 @@ def _check_target(target: Path, *, force: bool) -> None:
 
 def _write_rows(collection: Collection, folder: Path, dim: int) -> tuple[int, int, int]:
     """Stream distinct-SHA-1 vectors into vectors.npy, ids.json and index.faiss in one snapshot."""
+    from simsearch import _blas
+
+    _blas.configure()  # before FAISS loads its OpenBLAS
     import faiss
 
     ids: list[str] = []

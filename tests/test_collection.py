@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from consistency import assert_consistent
 
+from simsearch import ann
 from simsearch.collection import Changes, Collection, ImageRecord, index_file_name
-from simsearch.errors import ModelMismatchError
+from simsearch.errors import InputError, ModelMismatchError
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """Training tiny indexes on one thread: OpenMP's many short parallel regions crawl on a
+    busy machine, and one thread makes k-means reproducible."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 def unit(seed: int, dim: int = 8) -> np.ndarray:
@@ -122,3 +134,90 @@ def test_set_model_refuses_to_mix_and_replace_drops_vectors(store_dir):
         c.set_model("m-2", "other", 4, replace=True)
         assert c.counts() == {"indexed": 0, "failed": 0, "awaiting": 10}
         assert len(c.index()) == 0
+
+
+# -- the automatic approximate index ---------------------------------------------------------------
+
+
+@pytest.fixture
+def small_threshold(monkeypatch):
+    """Approximate indexes from 100 vectors on (normally 200,000), trainable from a few hundred."""
+    monkeypatch.setattr(ann, "FLAT_MAX_VECTORS", 100)
+    monkeypatch.setattr(ann, "MIN_NLIST", 4)
+
+
+def test_crossing_the_threshold_switches_to_an_approximate_index(store_dir, small_threshold):
+    new_store(store_dir, n=60)
+    with Collection.open(store_dir, write=False) as c:
+        assert not c.index().approximate
+    with Collection.open(store_dir, write=True) as c:
+        c.apply(Changes(records=[record(i) for i in range(60, 300)]))
+        assert not c.index().approximate  # the switch happens when the index is saved
+        c.save_index()
+        assert c.index().factory == "IVF4,PQ4x4fs" and c.index().built_for == 300
+        ((generation, path),) = c.index_files()
+        assert generation == c.generation()
+    with Collection.open(store_dir, write=False) as c:
+        index = c.index()
+        assert index.approximate and index.search_settings()["nprobe"] == 4  # all 4 lists
+        found = index.search(np.stack([unit(i) for i in range(5)]), 1)[1][:, 0]
+        assert found.tolist() == index.ids()[:5].tolist()  # each record finds itself
+    assert len(assert_consistent(store_dir)) == 300
+
+
+def test_approximate_index_is_caught_up_and_rebuilt(store_dir, small_threshold):
+    new_store(store_dir, n=300)
+    with Collection.open(store_dir, write=True) as c:
+        ids = c.index().ids()
+        c.apply(Changes(records=[record(i) for i in range(300, 320)], removals=[int(ids[0])]))
+        moved = record(1)
+        moved.id, moved.vector = int(ids[1]), unit(777)
+        c.apply(Changes(records=[moved]))
+        # no save_index(): the process "dies" here
+    with Collection.open(store_dir, write=False) as reader:
+        index = reader.index()
+        assert index.approximate and len(index) == 319
+        np.testing.assert_array_equal(index.reconstruct([int(ids[1])])[0], unit(777))
+        assert index.search(unit(777)[None], 1)[1][0, 0] == int(ids[1])
+    assert_consistent(store_dir)
+    with Collection.open(store_dir, write=False) as c:
+        ((_, path),) = c.index_files()
+    path.write_bytes(path.read_bytes()[:-100])  # damaged: rebuilt, approximate again
+    with Collection.open(store_dir, write=True) as c:
+        assert c.index().approximate and len(c.index()) == 319
+    assert len(assert_consistent(store_dir)) == 319
+
+
+def test_index_factory_setting_overrides_the_automatic_choice(store_dir, small_threshold):
+    new_store(store_dir, n=300)
+    with Collection.open(store_dir, write=True, index_factory="HNSW16") as c:
+        assert c.index_factory() == "HNSW16"
+        c.save_index()
+        assert c.index().factory == "HNSW16"
+    with Collection.open(store_dir, write=False) as c:
+        assert c.index().factory == "HNSW16"
+    assert len(assert_consistent(store_dir)) == 300
+    with Collection.open(store_dir, write=True, index_factory="Flat") as c:
+        c.save_index()
+        assert not c.index().approximate
+    with Collection.open(store_dir, write=True, index_factory="auto") as c:
+        assert c.index_factory() is None
+        c.save_index()
+        assert c.index().factory == "IVF4,PQ4x4fs"
+    with pytest.raises(InputError, match="invalid FAISS factory string 'Bogus'"):
+        Collection.open(store_dir, write=True, index_factory="Bogus")
+    # An inverted file too large for the store waits for enough vectors, with exact search.
+    with Collection.open(store_dir, write=True, index_factory="IVF4096,Flat") as c:
+        c.save_index()
+        assert not c.index().approximate
+    assert len(assert_consistent(store_dir)) == 300
+
+
+def test_a_store_that_shrinks_goes_back_to_exact_search(store_dir, small_threshold):
+    new_store(store_dir, n=300)
+    with Collection.open(store_dir, write=True) as c:
+        assert c.index().approximate
+        c.apply(Changes(removals=[int(i) for i in c.index().ids()[:260]]))
+        c.save_index()
+        assert not c.index().approximate and len(c.index()) == 40
+    assert len(assert_consistent(store_dir)) == 40

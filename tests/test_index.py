@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,10 +12,21 @@ import numpy as np
 import pytest
 
 import simsearch.index as index_module
+from simsearch import _blas, ann
 from simsearch.errors import SimsearchError, StoreError
 from simsearch.index import VectorIndex
 
 DIM = 16
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """Training tiny indexes on one thread: OpenMP's many short parallel regions crawl on a
+    busy machine, and one thread makes k-means reproducible."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
@@ -201,8 +213,8 @@ def test_remove_then_search_never_returns_removed_ids(factory: str) -> None:
 
     dist, found = index.search(vecs, 20)
     assert not np.isin(found, gone).any()
-    if factory in ("Flat", "HNSW32", "IVF4,Flat"):  # vectors stored exactly
-        np.testing.assert_array_equal(index.reconstruct(kept), vecs[~np.isin(ids, gone)])
+    # Vectors come back exactly, whatever the codes (approximate indexes keep exact copies).
+    np.testing.assert_array_equal(index.reconstruct(kept), vecs[~np.isin(ids, gone)])
     with pytest.raises(KeyError, match=str(gone[0])):
         index.reconstruct(gone[:1])
     # Removed ids can be added again.
@@ -238,8 +250,14 @@ def test_reconstruct_returns_stored_vectors_in_requested_order(
 
 def test_description_and_dim() -> None:
     assert VectorIndex(DIM).description() == "IDMap2,Flat (inner product)"
-    assert VectorIndex(DIM, "HNSW32").description() == "IDMap2,HNSW32 (inner product)"
-    assert VectorIndex(8).dim == 8
+    assert VectorIndex(DIM, " flat ").factory == "Flat"
+    hnsw = VectorIndex(DIM, "HNSW32")
+    assert hnsw.description() == "HNSW32 (inner product; efSearch 64, re-ranks 10 x k exactly)"
+    assert hnsw.approximate and not VectorIndex(DIM).approximate
+    ivf = VectorIndex(DIM, "IVF64,PQ8x4fs", nprobe=5, rerank=7)
+    assert ivf.description() == "IVF64,PQ8x4fs (inner product; nprobe 5, re-ranks 7 x k exactly)"
+    assert ivf.search_settings() == {"nlist": 64, "nprobe": 5, "rerank": 7}
+    assert VectorIndex(8).dim == 8 and VectorIndex(8, "HNSW8").dim == 8
 
 
 def test_bad_factories_and_training_are_refused() -> None:
@@ -256,7 +274,7 @@ def test_bad_factories_and_training_are_refused() -> None:
         VectorIndex(DIM, "IVF4,Flat").add(np.array([1]), unit(rng, 1))
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF4,Flat"])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF4,Flat", "IVF8,PQ4x4fs"])
 def test_save_load_roundtrip(tmp_path: Path, factory: str) -> None:
     rng = np.random.default_rng(12)
     ids = rng.choice(10**9, size=200, replace=False).astype(np.int64)
@@ -328,7 +346,9 @@ def test_load_of_missing_truncated_or_foreign_file_raises_store_error(
     plain = tmp_path / "plain.faiss"  # a FAISS file, but not written by save()
     faiss.write_index(faiss.IndexFlatIP(DIM), str(plain))
     flat = tmp_path / "flat.faiss"  # written like save() does, but not an id map
-    index_module._write_atomic(faiss.IndexFlatIP(DIM), flat)
+    index_module._write_atomic(
+        flat, lambda tmp: index_module._write_flat(faiss.IndexFlatIP(DIM), tmp)
+    )
     cases = {
         plain: "not an index written by simsearch",
         flat: "holds IndexFlatIP, not an IndexIDMap2",
@@ -393,3 +413,174 @@ def test_approximate_index_recall_against_exact(factory: str) -> None:
     for q, dist_row, found_row in zip(queries, dist, found, strict=True):
         want = [np.linalg.norm(q.astype(np.float64) - rows[int(i)]) for i in found_row]
         np.testing.assert_allclose(dist_row, want, atol=1e-6, rtol=0)
+
+
+# -- exact search: FAISS's scan checked, and the bf16 scan ----------------------------------------
+
+
+def test_flat_search_fetches_more_when_ties_exceed_what_faiss_returned() -> None:
+    """60 copies of one vector: the k smallest ids among them, wherever FAISS's heap put them."""
+    rng = np.random.default_rng(20)
+    vecs = unit(rng, 500)
+    copies = rng.choice(500, size=60, replace=False)
+    vecs[copies] = vecs[copies[0]]
+    ids = rng.permutation(5000)[:500].astype(np.int64)
+    index = VectorIndex.build(DIM, ids, vecs)
+    dist, found = index.search(vecs[copies[:1]], 5)
+    assert found[0].tolist() == sorted(ids[copies].tolist())[:5]
+    assert (dist[0] == 0.0).all()
+
+
+@pytest.fixture
+def bf16_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route every flat search to the bf16 scan (it normally starts at 20,000 vectors)."""
+    import simsearch.exact as exact_module
+
+    monkeypatch.setattr(index_module, "EXACT_MIN_VECTORS", 1)
+    monkeypatch.setattr(index_module, "EXACT_MIN_QUERIES", 1)
+    monkeypatch.setattr(exact_module, "_choice", ["bf16"])
+
+
+def test_bf16_exact_search_through_the_index(bf16_always: None, tmp_path: Path) -> None:
+    rng = np.random.default_rng(21)
+    centres = unit(rng, 8)
+    vecs = clustered(rng, 2000, centres)
+    ids = rng.permutation(10**6)[:2000].astype(np.int64)
+    queries = np.concatenate([clustered(rng, 30, centres), vecs[:3]])
+    index = VectorIndex.build(DIM, ids, vecs)
+    for k in (1, 10, 64):
+        dist, found = index.search(queries, k)
+        dist_true, found_true = exact(vecs, ids, queries, k)
+        np.testing.assert_array_equal(found, found_true)
+        np.testing.assert_array_equal(dist, dist_true)
+    assert index._exact_cache is not None
+    # A change drops the bf16 copy: the next search sees the new vectors.
+    index.add(np.array([10**6 + 1]), queries[:1])
+    assert index._exact_cache is None
+    assert index.search(queries[:1], 1)[1][0, 0] == 10**6 + 1
+    index.remove([10**6 + 1])
+    np.testing.assert_array_equal(index.search(queries, 10)[1], exact(vecs, ids, queries, 10)[1])
+    # Memory-mapped (read-only) indexes are searched the same way.
+    path = tmp_path / "vectors.faiss"
+    index.save(path)
+    mapped = VectorIndex.load(path, mmap=True)
+    np.testing.assert_array_equal(mapped.search(queries, 10)[1], exact(vecs, ids, queries, 10)[1])
+
+
+def test_bf16_copy_is_made_only_when_it_pays_for_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    import simsearch.exact as exact_module
+
+    monkeypatch.setattr(index_module, "EXACT_MIN_VECTORS", 100)
+    monkeypatch.setattr(exact_module, "_choice", ["bf16"])
+    rng = np.random.default_rng(22)
+    vecs = unit(rng, 300)
+    index = VectorIndex.build(DIM, np.arange(300), vecs)
+    index.search(vecs[:1], 5)  # one query: FAISS
+    assert index._exact_cache is None
+    index.search(vecs[:64], 5)  # enough queries since the last change: the bf16 copy
+    assert index._exact_cache is not None
+    index.search(vecs[:1], 5000)  # a k too large for the bf16 scan is still answered
+    small = VectorIndex.build(DIM, np.arange(50), vecs[:50])
+    small.search(vecs[:64], 5)  # too few vectors to bother
+    assert small._exact_cache is None
+
+
+# -- approximate indexes: lazy removal, files ------------------------------------------------------
+
+
+def test_approximate_removal_is_lazy_then_compacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "_STALE_MIN", 10)
+    rng = np.random.default_rng(23)
+    ids = np.arange(400, dtype=np.int64)
+    vecs = unit(rng, 400)
+    index = VectorIndex.build(DIM, ids, vecs, "IVF4,SQ8", nprobe=4)
+    assert index.remove(ids[:50]) == 50  # 50 stale of 400: under a fifth, kept
+    assert index._ann.ntotal == 400 and len(index) == 350
+    assert not np.isin(index.search(vecs[:60], 10)[1], ids[:50]).any()
+    replaced = unit(rng, 1)
+    index.remove([60])
+    index.add(np.array([60]), replaced)  # a new vector under an old id: never the old one
+    dist, found = index.search(replaced, 1)
+    assert found[0, 0] == 60 and dist[0, 0] == 0.0
+    assert index.remove(ids[100:200]) == 100  # now over a fifth: compacted
+    assert index._ann.ntotal == len(index) == 250
+    np.testing.assert_array_equal(index.reconstruct([60]), replaced)
+
+
+def test_approximate_file_roundtrip_is_memory_mapped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(24)
+    ids = rng.permutation(10**6)[:3000].astype(np.int64)
+    vecs, queries = unit(rng, 3000), unit(rng, 20)
+    index = VectorIndex.build(DIM, ids, vecs, "IVF16,PQ4x4fs", nprobe=16, rerank=40)
+    index.remove(ids[:10])
+    index.add(np.array([10**6 + 3]), queries[:1])
+    path = tmp_path / "ann.faiss"
+    index.save(path)
+    for mmap in (False, True):
+        loaded = VectorIndex.load(path, mmap=mmap)
+        assert loaded.description() == index.description() and loaded.built_for == 3000
+        assert loaded._vectors.memory_mapped
+        np.testing.assert_array_equal(loaded.ids(), index.ids())
+        for got, want in zip(loaded.search(queries, 10), index.search(queries, 10), strict=True):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(loaded.reconstruct(ids[10:20]), vecs[10:20])
+    with pytest.raises(SimsearchError, match="read-only"):
+        loaded.remove(ids[20:21])
+    # Dropping the mappings of rows already read changes nothing but resident memory.
+    before = loaded.search(queries, 10)
+    loaded._vectors._rows_read = ann.RELEASE_ROWS
+    after = loaded.search(queries, 10)
+    assert loaded._vectors._rows_read == 0
+    for got, want in zip(after, before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    writable = VectorIndex.load(path)
+    writable.remove(ids[20:30])  # changes stay in memory over the mapped file
+    writable.add(ids[:2], vecs[:2])
+    writable.save(path)  # replacing the file it maps
+    again = VectorIndex.load(path)
+    assert len(again) == 3000 - 10 + 1 - 10 + 2
+    np.testing.assert_array_equal(again.reconstruct(ids[:2]), vecs[:2])
+    assert sorted(os.listdir(tmp_path)) == ["ann.faiss"]
+
+
+def test_damaged_approximate_file_raises_store_error(tmp_path: Path) -> None:
+    rng = np.random.default_rng(25)
+    path = tmp_path / "ann.faiss"
+    VectorIndex.build(DIM, np.arange(500), unit(rng, 500), "IVF4,SQ8").save(path)
+    data = path.read_bytes()
+    for cut in (1, 33, len(data) // 3, len(data) - 3000, len(data) - 40):
+        path.write_bytes(data[:cut])
+        with pytest.raises(StoreError, match="corrupt or unreadable"):
+            VectorIndex.load(path)
+    path.write_bytes(data[:-40] + b"x" * 8 + data[-32:])  # a damaged header
+    with pytest.raises(StoreError, match="corrupt or unreadable"):
+        VectorIndex.load(path)
+    trailer = index_module._ANN_TRAILER
+    _, _, meta_offset, meta_len = trailer.unpack(data[-trailer.size :])
+    at = json.loads(data[meta_offset : meta_offset + meta_len])["ids_offset"]
+    swapped = data[:at] + data[at + 8 : at + 16] + data[at : at + 8] + data[at + 16 :]
+    path.write_bytes(swapped)  # ids out of order
+    with pytest.raises(StoreError, match="ids are not sorted"):
+        VectorIndex.load(path)
+
+
+# -- OpenBLAS core type ----------------------------------------------------------------------------
+
+SKYLAKEX = "fpu avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16"
+
+
+def test_openblas_core_type_for_avx512_cpus() -> None:
+    assert _blas.openblas_coretype(SKYLAKEX.split(), {}) == "SkylakeX"
+    assert _blas.openblas_coretype(SKYLAKEX.replace("avx512vl", "").split(), {}) is None
+    assert _blas.openblas_coretype(["avx2", "fma"], {}) is None
+    # The user's setting wins, even an empty one.
+    assert _blas.openblas_coretype(SKYLAKEX.split(), {"OPENBLAS_CORETYPE": "Haswell"}) is None
+    assert _blas.openblas_coretype(SKYLAKEX.split(), {"OPENBLAS_CORETYPE": ""}) is None
+
+
+def test_cpu_flags_are_read_from_cpuinfo() -> None:
+    cpuinfo = f"processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: {SKYLAKEX}\n\n"
+    assert _blas.cpu_flags(cpuinfo) >= {"avx512f", "avx512vl"}
+    assert _blas.cpu_flags("Features\t: fp asimd sve\n") == {"fp", "asimd", "sve"}
+    assert _blas.cpu_flags("nothing here") == frozenset()
+    assert "OPENBLAS_CORETYPE" in _blas.describe()

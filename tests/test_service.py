@@ -472,7 +472,10 @@ class _PausingEmbedder(FakeEmbedder):
             yield batch
 
 
-def test_queries_during_a_running_index_see_a_complete_index(client, indexed, tmp_path):
+def test_queries_during_a_running_index_see_a_complete_index(
+    client, indexed, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(library, "WRITE_ROWS", 2)  # commit each batch of two
     more = tmp_path / "batch"
     more.mkdir()
     for i in range(6):

@@ -1,0 +1,210 @@
+"""Choosing the index (a pure function), the exact vectors, and approximate search against exact."""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+import pytest
+
+from simsearch import ann
+from simsearch.ann import ExactVectors, IndexChoice, choose_index
+from simsearch.index import VectorIndex
+
+GIB = 2**30
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """Training tiny indexes on one thread: OpenMP's many short parallel regions crawl on a
+    busy machine, and one thread makes k-means reproducible."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int) -> np.ndarray:
+    """Unit vectors around centres of decaying spread, like embeddings of similar images."""
+    spectrum = (1.0 + np.arange(dim)) ** -0.5
+    centres = rng.standard_normal((clusters, dim)) * spectrum
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    noise = rng.standard_normal((n, dim)) * spectrum
+    noise *= 0.6 / np.sqrt((spectrum**2).sum())
+    x = (centres[rng.integers(0, clusters, n)] + noise).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def exact_ids(xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
+    d2 = (xq.astype(np.float64) ** 2).sum(1)[:, None] - 2 * xq.astype(np.float64) @ xb.T
+    return ids[np.argsort(d2, axis=1, kind="stable")[:, :k]]
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(
+        np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)])
+    )
+
+
+# -- choose_index ------------------------------------------------------------------------------
+
+
+def test_small_stores_get_exact_search() -> None:
+    for n in (0, 1, 50_000, ann.FLAT_MAX_VECTORS - 1):
+        choice = choose_index(n, 512, 8 * GIB)
+        assert choice == IndexChoice(ann.FLAT, reason=choice.reason)
+        assert not choice.approximate and choice.train_size == 0
+
+
+def test_the_threshold_switches_to_ivf_pq() -> None:
+    choice = choose_index(ann.FLAT_MAX_VECTORS, 512, 8 * GIB)
+    assert choice.approximate
+    assert choice.factory == f"IVF{ann.nlist_for(ann.FLAT_MAX_VECTORS)},PQ256x4fs"
+    million = choose_index(1_000_000, 512, 8 * GIB)
+    assert million.factory == "IVF2048,PQ256x4fs"
+    assert million.nprobe == 2048 // ann.NPROBE_DIVISOR
+    assert million.rerank == ann.RERANK
+    assert ann.MIN_TRAIN_SIZE <= million.train_size <= 1_000_000
+    assert ann.ivf_pq_bytes(1_000_000, 512, 2048, 256) < 1_000_000 * 512 * 4 / 4  # flat float32
+
+
+def test_nlist_is_a_power_of_two_near_four_root_n_and_trainable() -> None:
+    for n in (10_000, 200_000, 1_000_000, 10**7, 10**9):
+        nlist = ann.nlist_for(n)
+        assert nlist & (nlist - 1) == 0
+        assert ann.MIN_NLIST <= nlist <= ann.MAX_NLIST or nlist * ann.MIN_TRAIN_PER_LIST > n
+        assert nlist * ann.MIN_TRAIN_PER_LIST <= n
+        if ann.MIN_NLIST < nlist < ann.MAX_NLIST:
+            assert math.sqrt(n) <= nlist <= 4 * math.sqrt(n)
+
+
+def test_a_tight_budget_moves_a_small_store_to_an_approximate_index() -> None:
+    n, dim = 100_000, 512
+    assert not choose_index(n, dim, ann.flat_bytes(n, dim)).approximate
+    tight = choose_index(n, dim, ann.flat_bytes(n, dim) - 1)
+    assert tight.approximate and "IVF" in tight.factory
+    # Too few vectors to train an inverted file: exact search whatever the budget.
+    assert not choose_index(5_000, dim, 1).approximate
+    # Over any budget, the smallest index is still chosen, and says so.
+    assert "over the" in choose_index(10**7, dim, 1).reason
+
+
+def test_pq_codes_fit_the_dimension() -> None:
+    for dim in (512, 256, 128, 100, 48, 8, 6):
+        m = ann.pq_subquantizers(dim)
+        assert dim % m == 0 and m % 2 == 0 and m <= dim // 2
+    assert ann.pq_subquantizers(512) == 256 and ann.pq_subquantizers(6) == 2
+    # An odd dimension has no even number of sub-vectors: 8-bit scalar codes instead.
+    assert ann.pq_subquantizers(101) == 0
+    assert choose_index(10**6, 101, 8 * GIB).factory == "IVF2048,SQ8"
+
+
+def test_a_factory_string_overrides_the_choice() -> None:
+    assert ann.choice_for_factory(" flat ", 10**6).factory == ann.FLAT
+    ivf = ann.choice_for_factory("IVF1024,SQ8", 10**6)
+    assert ivf.factory == "IVF1024,SQ8" and ivf.nprobe == ann.nprobe_for(1024) == 12
+    assert ivf.rerank == ann.RERANK
+    assert ann.nprobe_for(4) == 4 and ann.nprobe_for(128) == ann.MIN_NPROBE
+    assert ann.nprobe_for(4096) == 32
+    assert ivf.train_size == max(ann.MIN_TRAIN_SIZE, ann.TRAIN_PER_LIST * 1024)
+    hnsw = ann.choice_for_factory("HNSW32", 500)
+    assert hnsw.ef_search == ann.HNSW_EF_SEARCH and hnsw.nprobe is None
+    assert hnsw.train_size == 500
+    assert ann.trainable("IVF1024,SQ8", 1024 * ann.MIN_TRAIN_PER_LIST)
+    assert not ann.trainable("IVF1024,SQ8", 1024 * ann.MIN_TRAIN_PER_LIST - 1)
+    assert ann.trainable("HNSW32", 1) and not ann.trainable("HNSW32", 0)
+
+
+def test_memory_budget_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ann.parse_bytes("2G") == 2 * GIB and ann.parse_bytes("512MiB") == 512 * 2**20
+    assert ann.parse_bytes("1000") == 1000
+    with pytest.raises(ValueError, match="write e.g. 4G"):
+        ann.parse_bytes("lots")
+    monkeypatch.setenv(ann.BUDGET_ENV, "3G")
+    assert ann.default_memory_budget() == 3 * GIB
+    monkeypatch.delenv(ann.BUDGET_ENV)
+    assert ann.default_memory_budget() > 0
+    with pytest.raises(ValueError):
+        choose_index(-1, 512, GIB)
+
+
+def test_training_sample_is_seeded() -> None:
+    a = ann.sample_positions(10_000, 100, seed=3)
+    assert a.tolist() == ann.sample_positions(10_000, 100, seed=3).tolist()
+    assert len(set(a.tolist())) == 100 and (np.diff(a) > 0).all()
+    assert ann.sample_positions(50, 100).tolist() == list(range(50))
+
+
+# -- exact vectors -----------------------------------------------------------------------------
+
+
+def test_exact_vectors_over_a_base_with_changes() -> None:
+    rng = np.random.default_rng(1)
+    base_ids = np.array([2, 5, 9, 14], dtype=np.int64)
+    base = rng.standard_normal((4, 3)).astype(np.float32)
+    store = ExactVectors(3, base_ids, base)
+    added = rng.standard_normal((3, 3)).astype(np.float32)
+    store.add(np.array([7, 1, 20]), added)
+    assert len(store) == 7
+    assert store.ids().tolist() == [1, 2, 5, 7, 9, 14, 20]
+    np.testing.assert_array_equal(store.get(np.array([20, 5])), np.stack([added[2], base[1]]))
+    assert store.remove(np.array([5, 7, 99])) == 2
+    assert store.contains(np.array([5, 7, 1, 2])).tolist() == [False, False, True, True]
+    store.add(np.array([5]), added[:1])  # back, with another vector
+    np.testing.assert_array_equal(store.get(np.array([5])), added[:1])
+    merged_ids = np.concatenate([ids for ids, _ in store.merged(chunk=2)])
+    merged = np.concatenate([rows for _, rows in store.merged(chunk=2)])
+    assert merged_ids.tolist() == store.ids().tolist() == [1, 2, 5, 9, 14, 20]
+    np.testing.assert_array_equal(merged, store.get(merged_ids))
+    with pytest.raises(KeyError, match="7"):
+        store.get(np.array([7]))
+
+
+# -- approximate against exact ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", ["IVF64,PQ16x4fs", "IVF64,SQ8", "HNSW16"])
+def test_approximate_index_recall_at_10_against_exact(factory: str) -> None:
+    rng = np.random.default_rng(2)
+    n, dim, k = 6000, 32, 10
+    xb = clustered(rng, n + 200, dim, clusters=60)
+    xb, xq = xb[:n], xb[n:]
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)
+    choice = ann.choice_for_factory(factory, n)
+    index = VectorIndex.build(
+        dim, ids, xb, factory, train_size=choice.train_size, nprobe=8, ef_search=choice.ef_search
+    )
+    dist, found = index.search(xq, k)
+    assert recall(found, exact_ids(xb, ids, xq, k)) >= 0.95
+    # Distances are exact for whatever is returned, and stored vectors come back unchanged.
+    rows = dict(zip(ids.tolist(), xb, strict=True))
+    want = [
+        [np.linalg.norm(q.astype(np.float64) - rows[int(i)]) for i in row]
+        for q, row in zip(xq, found, strict=True)
+    ]
+    np.testing.assert_allclose(dist, want, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(index.reconstruct(ids[:50]), xb[:50])
+
+
+def test_automatic_choice_at_a_small_forced_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ann, "FLAT_MAX_VECTORS", 2_000)
+    monkeypatch.setattr(ann, "MIN_NLIST", 16)
+    rng = np.random.default_rng(3)
+    n, dim, k = 8_000, 64, 10
+    xb = clustered(rng, n + 300, dim, clusters=80)
+    xb, xq = xb[:n], xb[n:]
+    ids = np.arange(n, dtype=np.int64) * 7
+    choice = choose_index(n, dim, 8 * GIB)
+    assert choice.factory == f"IVF{ann.nlist_for(n)},PQ32x4fs" and choice.train_size == n
+    index = VectorIndex.build(
+        dim,
+        ids,
+        xb,
+        choice.factory,
+        train_size=choice.train_size,
+        nprobe=choice.nprobe,
+        rerank=choice.rerank,
+    )
+    _, found = index.search(xq, k)
+    assert recall(found, exact_ids(xb, ids, xq, k)) >= 0.95

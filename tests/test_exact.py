@@ -1,0 +1,139 @@
+"""The bf16 exact search returns exactly the float64 top k, which is FAISS IndexFlatIP's top k."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+import simsearch.exact as exact_module
+from simsearch.exact import ExactSearcher
+
+
+def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int = 20) -> np.ndarray:
+    """Unit vectors around a few centres: many near neighbours within the bf16 error."""
+    centres = unit(rng, clusters, dim)
+    x = centres[rng.integers(0, clusters, n)] + 0.08 * rng.standard_normal((n, dim))
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(
+    xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 Euclidean distances, sorted by (float32 distance, id), padded with (inf, -1)."""
+    D = np.full((len(xq), k), np.inf, dtype=np.float32)
+    I = np.full((len(xq), k), -1, dtype=np.int64)  # noqa: E741
+    for row, q in enumerate(xq.astype(np.float64)):
+        dist = np.sqrt(((xb.astype(np.float64) - q) ** 2).sum(axis=1)).astype(np.float32)
+        order = np.lexsort((ids, dist))[:k]
+        D[row, : len(order)], I[row, : len(order)] = dist[order], ids[order]
+    return D, I
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several chunks and query blocks even for small inputs, so their merging is exercised."""
+    monkeypatch.setattr(exact_module, "CHUNK", 2 * exact_module.GROUP)
+    monkeypatch.setattr(exact_module, "QUERY_BLOCK", 16)
+
+
+@pytest.mark.parametrize(
+    ("n", "dim", "nq", "k"),
+    [
+        (1, 8, 3, 5),  # k > n: padded
+        (63, 16, 5, 10),  # less than one group
+        (700, 32, 40, 1),  # groups and chunks not whole
+        (3000, 64, 37, 10),
+        (3000, 64, 7, 50),
+    ],
+)
+def test_matches_faiss_flat_and_brute_force(
+    n: int, dim: int, nq: int, k: int, small_blocks: None
+) -> None:
+    rng = np.random.default_rng(n + dim + k)
+    xb = clustered(rng, n, dim) if n > 100 else unit(rng, n, dim)
+    xq = np.concatenate([clustered(rng, nq, dim), xb[:2]])  # two queries are stored vectors
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)
+    dist, found = ExactSearcher(xb).search(xq, k, ids)
+    want_dist, want_found = brute_force(xb, ids, xq, k)
+    np.testing.assert_array_equal(found, want_found)
+    np.testing.assert_array_equal(dist, want_dist)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(xb)
+    _, positions = flat.search(xq, min(k, n))
+    np.testing.assert_array_equal(found[:, : min(k, n)], ids[positions])
+    stored = min(2, n)  # the last queries are stored vectors: at distance exactly 0
+    assert (dist[-stored:, 0] == 0.0).all()
+
+
+def test_ties_are_ordered_by_id_across_chunks(small_blocks: None) -> None:
+    rng = np.random.default_rng(5)
+    xb = unit(rng, 1000, 16)
+    copies = rng.choice(1000, size=40, replace=False)  # spread over several chunks
+    xb[copies] = xb[copies[0]]
+    ids = rng.permutation(1000).astype(np.int64)
+    dist, found = ExactSearcher(xb).search(xb[copies[:1]], 25, ids)
+    assert found[0].tolist() == sorted(ids[copies].tolist())[:25]
+    assert (dist[0] == 0.0).all()
+    xq = np.concatenate([unit(rng, 9, 16), xb[copies[:1]] * 0.9 + xb[:1] * 0.1])
+    got_dist, got_found = ExactSearcher(xb).search(xq, 45, ids)
+    want_dist, want_found = brute_force(xb, ids, xq, 45)
+    np.testing.assert_array_equal(got_found, want_found)
+    np.testing.assert_array_equal(got_dist, want_dist)
+
+
+def test_vectors_that_are_not_unit_length_are_still_exact(small_blocks: None) -> None:
+    rng = np.random.default_rng(6)
+    xb = clustered(rng, 900, 24) * rng.uniform(0.5, 2.0, (900, 1)).astype(np.float32)
+    xq = clustered(rng, 20, 24) * 1.5
+    ids = np.arange(900, dtype=np.int64) * 3
+    dist, found = ExactSearcher(xb).search(xq, 10, ids)
+    want_dist, want_found = brute_force(xb, ids, xq, 10)
+    np.testing.assert_array_equal(found, want_found)
+    np.testing.assert_array_equal(dist, want_dist)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3, 3.0])
+def test_error_bound_holds_for_every_pair(scale: float) -> None:
+    """The rigorous bound on a bf16 score's error, checked against float64 scores."""
+    rng = np.random.default_rng(7)
+    xb = np.concatenate([clustered(rng, 1500, 128), unit(rng, 500, 128)]) * scale
+    xq = np.concatenate([clustered(rng, 30, 128), unit(rng, 30, 128), xb[:4]])
+    searcher = ExactSearcher(xb.astype(np.float32))
+    low, unit_ip, bound = searcher._quantise(xq.astype(np.float32))
+    coarse = (low @ searcher._low[: len(xb)].T).float().double().numpy() * unit_ip[:, None]
+    exact = xq.astype(np.float64) @ xb.astype(np.float64).T
+    assert (np.abs(coarse - exact) <= bound[:, None]).all()
+    assert bound.max() < 0.02 * scale**2 + 0.01  # and it is tight enough to be useful
+    np.testing.assert_allclose(searcher.bound(xq), bound)
+
+
+def test_empty_inputs() -> None:
+    xb = unit(np.random.default_rng(8), 5, 8)
+    dist, found = ExactSearcher(xb).search(np.empty((0, 8), np.float32), 3, np.arange(5))
+    assert dist.shape == found.shape == (0, 3)
+    empty = ExactSearcher(np.empty((0, 8), np.float32))
+    dist, found = empty.search(xb[:2], 3, np.empty(0, np.int64))
+    assert (found == -1).all() and np.isinf(dist).all()
+    with pytest.raises(ValueError, match="float32"):
+        ExactSearcher(xb.astype(np.float64))
+
+
+def test_kernel_choice_follows_the_cpu_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(exact_module.cpu_supports_bf16(), bool)
+    for forced, want in [("fp32", None), ("bf16", "bf16")]:
+        monkeypatch.setattr(exact_module, "_choice", [])
+        monkeypatch.setenv(exact_module.KERNEL_ENV, forced)
+        assert exact_module.choose_kernel() == want
+    monkeypatch.setattr(exact_module, "_choice", [])
+    monkeypatch.delenv(exact_module.KERNEL_ENV)
+    monkeypatch.setattr(exact_module, "cpu_supports_bf16", lambda: False)
+    assert exact_module.choose_kernel() is None
+    assert torch.get_num_threads() >= 1

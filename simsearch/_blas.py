@@ -90,3 +90,17 @@ def describe(module: object | None = None) -> str:
             f"{ENV}={os.environ.get(ENV, '(unset)')}"
         )
     return f"no bundled OpenBLAS found; {ENV}={os.environ.get(ENV, '(unset)')}"
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 (AVX512-BF16 or AMX); without it bf16 is emulated."""
+    import torch  # only callers about to use torch ask
+
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, check, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # private torch helpers: absent or failing means "no"
+            continue
+    return False

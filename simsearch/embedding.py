@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from simsearch._blas import cpu_supports_bf16
 from simsearch.config import DEFAULT_MAX_PIXELS
 from simsearch.errors import ImageError, InputError
 from simsearch.images import decode_image, read_jpeg
@@ -87,18 +88,6 @@ def choose_device(requested: str | None = None) -> torch.device:
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 (AVX512-BF16 or AMX); without it bf16 is emulated."""
-    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(torch.cpu, check, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # private torch helpers: absent or failing means "no"
-            continue
-    return False
 
 
 def choose_precision(device: torch.device, requested: str = "auto") -> str:

@@ -32,6 +32,8 @@ import threading
 import numpy as np
 import torch
 
+from simsearch._blas import cpu_supports_bf16
+
 log = logging.getLogger(__name__)
 
 KERNEL_ENV = "SIMSEARCH_EXACT_KERNEL"  # "bf16" or "fp32": force the choice (benchmarks, tests)
@@ -46,18 +48,6 @@ _SHORTER = 0.99 / (1 + 2.0**-7)  # scale so that bf16 copies stay shorter than 0
 
 _choice_lock = threading.Lock()
 _choice: list[str | None] = []
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 (AVX512-BF16 or AMX); without it bf16 is emulated."""
-    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(torch.cpu, check, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # private torch helpers: absent or failing means "no"
-            continue
-    return False
 
 
 def choose_kernel() -> str | None:

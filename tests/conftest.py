@@ -35,3 +35,15 @@ def store_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def fake_factory() -> FakeFactory:
     return FakeFactory()
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """Training tiny indexes on one thread: OpenMP's many short parallel regions crawl on a
+    busy machine, and one thread makes k-means reproducible."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from consistency import assert_consistent
@@ -13,15 +12,7 @@ from simsearch import ann
 from simsearch.collection import Changes, Collection, ImageRecord, index_file_name
 from simsearch.errors import InputError, ModelMismatchError
 
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """Training tiny indexes on one thread: OpenMP's many short parallel regions crawl on a
-    busy machine, and one thread makes k-means reproducible."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def unit(seed: int, dim: int = 8) -> np.ndarray:

@@ -19,14 +19,7 @@ from simsearch.index import VectorIndex
 DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """Training tiny indexes on one thread: OpenMP's many short parallel regions crawl on a
-    busy machine, and one thread makes k-means reproducible."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:

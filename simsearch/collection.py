@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from simsearch import ann
 from simsearch.errors import InputError, ModelMismatchError, StoreError
-from simsearch.index import VectorIndex
+from simsearch.index import VectorIndex, check_file
 from simsearch.store import STATUS_FAILED, STATUS_INDEXED, Embedding, Image, Store, Tombstone
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class Collection:
         self._index: VectorIndex | None = None
         self._index_generation: int | None = None
         self._saved_generation: int | None = None
+        self._factory_changed = False
         self._memory_budget = memory_budget
 
     # -- opening -------------------------------------------------------------------------
@@ -233,6 +234,7 @@ class Collection:
                 return
             self.store.set_setting(session, KEY_INDEX_FACTORY, factory)
         self._saved_generation = None  # the next save_index builds the new kind
+        self._factory_changed = True
 
     def memory_budget(self) -> int:
         return self._memory_budget or ann.default_memory_budget()
@@ -515,6 +517,14 @@ class Collection:
         self._require_writer()
         if self.model() is None:
             return
+        if self._index is None and not self._factory_changed:
+            files = self.index_files()
+            if files and files[0][0] == self.generation():
+                try:  # an unchanged store whose newest file is whole: no need to load it
+                    check_file(files[0][1])
+                    return
+                except StoreError:
+                    log.info("index file %s is damaged; rebuilding it", files[0][1])
         index = self.index()
         generation = self._index_generation
         assert generation is not None
@@ -524,9 +534,9 @@ class Collection:
             self._saved_generation = None
         if self._saved_generation == generation:
             return
-        path = self.root / index_file_name(generation)
-        if choice is not None or not path.exists():
-            index.save(path)
+        # Not known to be current (rebuilt, caught up, converted): a file of this generation may
+        # be a damaged one, so it is always rewritten.
+        index.save(self.root / index_file_name(generation))
         self._saved_generation = generation
         self._remove_index_files(keep=generation)
         with self.store.session() as session:

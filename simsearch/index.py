@@ -779,6 +779,11 @@ def _unusable(path: Path, reason: object) -> StoreError:
     )
 
 
+def check_file(path: str | os.PathLike[str]) -> None:
+    """Raise StoreError unless `path` ends with a whole simsearch index (reads only its trailer)."""
+    _file_kind(Path(path))
+
+
 def _file_kind(path: Path) -> tuple[str, int]:
     """("flat" | "approximate", file size) from the trailer; StoreError when neither fits."""
     try:

@@ -11,6 +11,7 @@ from consistency import assert_consistent
 from simsearch import ann
 from simsearch.collection import Changes, Collection, ImageRecord, index_file_name
 from simsearch.errors import InputError, ModelMismatchError
+from simsearch.index import VectorIndex
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
@@ -81,6 +82,33 @@ def test_damaged_or_missing_index_file_is_rebuilt_from_stored_vectors(store_dir,
         path.write_bytes(path.read_bytes()[:100])
     else:
         path.unlink()
+    assert len(assert_consistent(store_dir)) == 10
+
+
+def test_saving_an_unchanged_store_does_not_load_its_index(store_dir, monkeypatch):
+    """An `index` run over an unchanged folder must not read a (possibly huge) index file."""
+    new_store(store_dir)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the index file was loaded")
+
+    monkeypatch.setattr(VectorIndex, "load", classmethod(no_load))
+    with Collection.open(store_dir, write=True) as c:
+        before = c.index_files()
+        c.save_index()
+        assert c.index_files() == before
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate"])
+def test_saving_an_unchanged_store_repairs_a_damaged_index_file(store_dir, damage):
+    new_store(store_dir)
+    with Collection.open(store_dir, write=False) as c:
+        ((_, path),) = c.index_files()
+    data = path.read_bytes()
+    path.write_bytes(b"not a faiss index at all" if damage == "garbage" else data[:100])
+    with Collection.open(store_dir, write=True) as c:
+        c.save_index()
+    assert path.read_bytes() == data  # rebuilt from the stored vectors, byte for byte
     assert len(assert_consistent(store_dir)) == 10
 
 

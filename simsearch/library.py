@@ -11,12 +11,11 @@ import io
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -26,6 +25,9 @@ from simsearch.errors import ImageError, InputError, ModelMismatchError
 from simsearch.images import FileEntry, Skipped, decode_image, discover, sha1_file
 from simsearch.progress import NoProgress, Progress
 from simsearch.store import STATUS_FAILED, STATUS_INDEXED, Image
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class EmbedderLike(Protocol):
     def embed_files(
         self, paths: Sequence[str], *, batch_size: int = ..., workers: int | None = ...
     ) -> Iterator[list[EmbedResultLike]]: ...
+
+    def embed_images(self, images: Sequence[PILImage], batch_size: int = ...) -> np.ndarray: ...
 
 
 EmbedderFactory = Callable[[str], EmbedderLike]
@@ -455,24 +459,35 @@ def query(
     if k < 1:
         raise InputError(f"-k must be at least 1, got {k}")
     resolved = _resolve(collection, queries, embedder_factory)
-    index = collection.index()
-    matrix = np.stack([item.vector for item in resolved]).astype(np.float32)
-    distances, ids = index.search(matrix, k + 1)
+    matrix = np.stack([item.vector for item in resolved])
+    return _nearest(
+        collection, matrix, k, [item.text for item in resolved], [i.image_id for i in resolved]
+    )
+
+
+def _nearest(
+    collection: Collection,
+    vectors: np.ndarray,
+    k: int,
+    texts: Sequence[str],
+    image_ids: Sequence[int | None],
+) -> list[QueryResult]:
+    """One batched search; each query's own image comes first among equal distances."""
+    distances, ids = collection.index().search(np.asarray(vectors, dtype=np.float32), k + 1)
     rows = collection.images(sorted({int(i) for i in ids.ravel() if i >= 0}))
     results = []
-    for item, row_d, row_i in zip(resolved, distances, ids, strict=True):
+    for text, image_id, row_d, row_i in zip(texts, image_ids, distances, ids, strict=True):
         pairs = [
             (float(d), int(i))
             for d, i in zip(row_d, row_i, strict=True)
             if i >= 0 and int(i) in rows
         ]
-        # The query image itself comes first among equal distances.
-        pairs.sort(key=lambda p: (p[0], p[1] != item.image_id, p[1]))
+        pairs.sort(key=lambda p: (p[0], p[1] != image_id, p[1]))
         neighbors = [
-            Neighbor(rank, image_id, rows[image_id].path, rows[image_id].sha1, distance)
-            for rank, (distance, image_id) in enumerate(pairs[:k], start=1)
+            Neighbor(rank, i, rows[i].path, rows[i].sha1, distance)
+            for rank, (distance, i) in enumerate(pairs[:k], start=1)
         ]
-        results.append(QueryResult(item.text, neighbors))
+        results.append(QueryResult(text, neighbors))
     return results
 
 
@@ -500,8 +515,7 @@ def distance(
     else:
         first, second = _resolve(collection, [a, b], embedder_factory)
         va, vb = first.vector, second.vector
-    va, vb = va.astype(np.float64), vb.astype(np.float64)
-    return DistanceResult(a, b, float(np.linalg.norm(va - vb)), float(np.dot(va, vb)))
+    return compare_vectors(a, b, va, vb)
 
 
 def _embed_two_files(a: str, b: str, factory: EmbedderFactory) -> tuple[np.ndarray, np.ndarray]:
@@ -638,24 +652,10 @@ def query_vector(
     """The k nearest indexed images of one vector, nearest first (the query image first on ties)."""
     if k < 1:
         raise InputError(f"k must be at least 1, got {k}")
-    index = collection.index()
-    k = min(k, len(index))
+    k = min(k, len(collection.index()))
     if k == 0:
         return QueryResult(text, [])
-    matrix = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-    distances, ids = index.search(matrix, k + 1)
-    rows = collection.images(sorted({int(i) for i in ids.ravel() if i >= 0}))
-    pairs = [
-        (float(d), int(i))
-        for d, i in zip(distances[0], ids[0], strict=True)
-        if i >= 0 and int(i) in rows
-    ]
-    pairs.sort(key=lambda p: (p[0], p[1] != image_id, p[1]))
-    neighbors = [
-        Neighbor(rank, i, rows[i].path, rows[i].sha1, distance)
-        for rank, (distance, i) in enumerate(pairs[:k], start=1)
-    ]
-    return QueryResult(text, neighbors)
+    return _nearest(collection, np.reshape(vector, (1, -1)), k, [text], [image_id])[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,7 +673,6 @@ def embed_bytes(
     *,
     embedder_factory: EmbedderFactory,
     max_pixels: int,
-    name: str = "the uploaded image",
 ) -> BytesVector:
     """A vector for image bytes: an indexed copy's stored vector, else the store's model's.
 
@@ -694,20 +693,7 @@ def embed_bytes(
     decoded = decode_image(
         data, max_pixels=max_pixels, min_size=getattr(embedder, "input_size", None)
     )
-    embed_images = getattr(embedder, "embed_images", None)
-    if embed_images is not None:
-        return BytesVector(np.asarray(embed_images([decoded.image])[0]), sha1, None)
-    # Embedders that only read files (the tests' fakes) get a temporary file.
-    with tempfile.TemporaryDirectory(prefix="simsearch-") as tmp:
-        path = os.path.join(tmp, "upload")
-        with open(path, "wb") as f:
-            f.write(data)
-        for batch in embedder.embed_files([path], workers=0):
-            for result in batch:
-                if result.vector is None:
-                    raise ImageError(f"cannot use {name}: {result.error}")
-                return BytesVector(result.vector, sha1, None)
-    raise ImageError(f"cannot use {name}: the model returned no vector")
+    return BytesVector(np.asarray(embedder.embed_images([decoded.image])[0]), sha1, None)
 
 
 def compare_vectors(a: str, b: str, va: np.ndarray, vb: np.ndarray) -> DistanceResult:

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from simsearch.errors import ImageError
 from simsearch.images import decode_image
@@ -29,7 +30,7 @@ class FakeEmbedder:
     def __init__(self, spec: str = "fake", model_id: str = "fake-48-0001") -> None:
         self.spec = spec
         self.model_id = model_id
-        self.files_embedded: list[str] = []
+        self.files_embedded: list[str] = []  # paths, and a marker per image given in memory
 
     def embed_files(
         self, paths: Sequence[str], *, batch_size: int = 4, workers: int | None = None
@@ -42,9 +43,7 @@ class FakeEmbedder:
             except ImageError as exc:
                 batch.append(FakeResult(position, path, None, None, None, str(exc)))
             else:
-                grid = np.asarray(decoded.image.resize((4, 4)), dtype=np.float32).ravel()
-                grid -= grid.mean()
-                vector = grid / max(float(np.linalg.norm(grid)), 1e-6)
+                vector = _colour_grid(decoded.image)
                 batch.append(
                     FakeResult(position, path, vector, decoded.width, decoded.height, None)
                 )
@@ -53,6 +52,16 @@ class FakeEmbedder:
                 batch = []
         if batch:
             yield batch
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        self.files_embedded.extend("<image in memory>" for _ in images)
+        return np.stack([_colour_grid(image) for image in images])
+
+
+def _colour_grid(image: Image.Image) -> np.ndarray:
+    grid = np.asarray(image.convert("RGB").resize((4, 4)), dtype=np.float32).ravel()
+    grid -= grid.mean()
+    return grid / max(float(np.linalg.norm(grid)), 1e-6)
 
 
 class FakeFactory:

@@ -279,7 +279,6 @@ class ServiceState:
                 data,
                 embedder_factory=self.factory,
                 max_pixels=self.settings.max_pixels,
-                name=label,
             )
         except ImageError as exc:
             raise ServiceError(

@@ -21,6 +21,12 @@ A stored vector is skipped when its bf16 score is below the k-th best bf16 score
 twice that bound (widened for vectors that are not exactly unit length and for float32 ties), so
 it cannot beat the k-th exact result. torch is imported at module level: import this module only
 when searching.
+
+`ProjectedSearcher` does the same work in a fraction of the dimensions where the vectors allow:
+an upper bound of every score from a few principal directions plus a bound on the rest, one
+narrow bf16 product, and only the vectors whose bound reaches a proven threshold scored exactly
+(about 3x the full-dimension scan on bin/bench-search's million clustered vectors). `make_searcher`
+picks it where it pays, and it falls back to the full scan by itself where it does not.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -41,13 +49,31 @@ GROUP = 64  # stored vectors per group: a group's best score decides whether to 
 CHUNK = 8_192  # stored vectors per matrix product (a multiple of GROUP)
 QUERY_BLOCK = 256  # queries per matrix product
 _BUILD_ROWS = 65_536  # rows converted at a time (bounds temporary memory)
-_REFINE_ROWS = 16_384  # candidate rows scored at a time
+PROJECTED_DIMS = 64  # principal directions scored by the projected searcher
+PROJECTED_MIN_VECTORS = 150_000  # below this the full-dimension scan is as fast (measured)
+PROJECTED_CHUNK = 2_048  # rows per matrix product (its scores stay in the CPU's caches)
+PROJECTED_QUERY_BLOCK = 1_024  # queries per block (group bounds: 2 bytes per group and query)
+_SCORE_BYTES = 64 << 20  # at most this much memory for one block's group bounds
+_AXES_SAMPLE = 32_768  # vectors the principal axes are computed from
+PROJECTED_MAX_RESIDUAL = 0.3  # share of the squared length outside them above which it won't pay
+_ROWS_PER_LIST = 500  # k-means lists for the row order: about this many rows each
+_MAX_LISTS = 2_048
+_KMEANS_ITERATIONS = 4  # enough for an order: more costs build time, not speed
+_KMEANS_SAMPLE = 40  # training rows per list (FAISS asks for 39)
+_SEED_GROUPS = 16  # a query's best groups whose rows give its first k distances
+_SEED_ROWS = 8  # times k rows of them scored in float32
+_PAIR_BLOCK = 4_096  # (group, query) pairs looked into at a time
+_MAX_PASSING = 0.02  # more passing groups than this share: the full scan is faster
+_FALLBACKS_TO_GIVE_UP = 2  # after this many fallbacks every block uses the full scan
+_REFINE_ROWS = 8_192  # candidate rows scored at a time (one task of the thread pool)
 _U32 = 2.0**-24  # float32 unit roundoff
 _HALF_ULP_BELOW_1 = 2.0**-9  # bf16 rounding error of any value smaller than 1 in size
 _SHORTER = 0.99 / (1 + 2.0**-7)  # scale so that bf16 copies stay shorter than 0.99
 
 _choice_lock = threading.Lock()
 _choice: list[str | None] = []
+_pool_lock = threading.Lock()
+_pool: list[ThreadPoolExecutor] = []
 
 
 def choose_kernel() -> str | None:
@@ -75,29 +101,49 @@ class ExactSearcher:
             raise ValueError("vectors must be a (n, dim) float32 array")
         self._x = vectors
         self.n, self.dim = vectors.shape
-        rows = -(-max(self.n, 1) // GROUP) * GROUP  # padded: every chunk is whole groups
-        self._low = torch.zeros((rows, self.dim), dtype=torch.bfloat16)
         norms = np.ones(max(self.n, 1), dtype=np.float64)
         for start in range(0, self.n, _BUILD_ROWS):
             x = vectors[start : start + _BUILD_ROWS].astype(np.float64)
             norms[start : start + len(x)] = np.sqrt(np.einsum("ij,ij->i", x, x))
         self._norm2 = norms[: self.n] ** 2
         self._norm_min, self._norm_max = float(norms.min()), float(norms.max())
-        self._scale = _SHORTER / self._norm_max if self._norm_max > 0 else 1.0
-        scale32 = np.float32(self._scale)
+        self._prepare()
+        # The bf16 copy of each stored vector's features, scaled below 1 in length.
+        feature_max = self._norm_max * (1 + 1e-9) + 1e-6  # features are no longer than that
+        self._scale = _SHORTER / feature_max
+        rows = -(-max(self.n, 1) // GROUP) * GROUP  # padded: every chunk is whole groups
+        self._low = torch.zeros((rows, self.width), dtype=torch.bfloat16)
         err_max = low_max = 0.0
         for start in range(0, self.n, _BUILD_ROWS):
-            x = vectors[start : start + _BUILD_ROWS]
-            # bf16 of a float32 product: its rounding is measured below against the exact one.
-            low = torch.from_numpy(x * scale32).to(torch.bfloat16)
-            self._low[start : start + len(x)] = low
-            low64 = low.float().numpy().astype(np.float64)
-            err = x.astype(np.float64) * self._scale - low64
+            features = self._features(vectors[start : start + _BUILD_ROWS].astype(np.float64))
+            scaled = features * self._scale
+            low = torch.from_numpy(scaled.astype(np.float32)).to(torch.bfloat16)
+            self._low[start : start + len(features)] = low
+            low64 = low.double().numpy()
+            err = scaled - low64
             err_max = max(err_max, float(np.sqrt(np.einsum("ij,ij->i", err, err).max())))
             low_max = max(low_max, float(np.sqrt(np.einsum("ij,ij->i", low64, low64).max())))
         # Slack for the float64 arithmetic of these maxima themselves.
         self._err_max = err_max * (1 + 1e-9) + 1e-15
         self._low_max = low_max * (1 + 1e-9)
+        self._arrange()
+
+    # -- what the bf16 copy holds: here the vectors themselves ----------------------------------
+
+    @property
+    def width(self) -> int:
+        """Columns of the bf16 copy."""
+        return self.dim
+
+    def _prepare(self) -> None:
+        """Set-up before the bf16 copy is made (nothing for the full-dimension scan)."""
+
+    def _features(self, x64: np.ndarray) -> np.ndarray:
+        """Rows whose bf16 inner product with a query's features approximates q.x."""
+        return x64
+
+    def _arrange(self) -> None:
+        """Reorder the bf16 copy after it is made (nothing for the full-dimension scan)."""
 
     @property
     def nbytes(self) -> int:
@@ -124,8 +170,8 @@ class ExactSearcher:
     # -- internals ---------------------------------------------------------------------------
 
     def _quantise(self, xq: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """(bf16 queries, inner product per bf16-score unit, error bound) for a block."""
-        q64 = xq.astype(np.float64)
+        """(bf16 query features, inner product per bf16-score unit, error bound) for a block."""
+        q64 = self._features(xq.astype(np.float64))
         qn = np.sqrt(np.einsum("ij,ij->i", q64, q64))
         t = np.where(qn > 0, _SHORTER / np.where(qn > 0, qn, 1.0), 1.0)
         scaled = q64 * t[:, None]
@@ -137,9 +183,9 @@ class ExactSearcher:
         bound = (
             qn * t * self._err_max
             + fnorm * self._low_max
-            + 2 * self.dim * _U32 * lownorm * self._low_max
+            + 2 * self.width * _U32 * lownorm * self._low_max
             + _HALF_ULP_BELOW_1
-            + self.dim * 2.0**-126  # products flushed to zero as denormals
+            + self.width * 2.0**-126  # products flushed to zero as denormals
         )
         unit = 1.0 / (t * self._scale)
         return low, unit, bound * (1 + 1e-9) * unit
@@ -252,17 +298,263 @@ class ExactSearcher:
         """|q|^2 + |x|^2 - 2 q.x with q.x in float32 (within 2 d 2^-24 |q| |x| of the truth)."""
         out = np.empty(len(rows), dtype=np.float64)
         q32 = q64.astype(np.float32)
-        for start in range(0, len(rows), _REFINE_ROWS):
+
+        def part(start: int) -> None:
             r, p = rows[start : start + _REFINE_ROWS], pos[start : start + _REFINE_ROWS]
             dots = np.einsum("ij,ij->i", np.take(self._x, p, axis=0), q32[r])
             out[start : start + len(r)] = qn2[r] + self._norm2[p] - 2.0 * dots
+
+        _each(part, range(0, len(rows), _REFINE_ROWS))
         return out
 
     def _distances2_f64(self, q64: np.ndarray, rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Squared Euclidean distances in float64 from differences (0.0 for identical vectors)."""
-        diff = np.take(self._x, pos, axis=0).astype(np.float64)
-        np.subtract(q64[rows], diff, out=diff)
-        return np.einsum("ij,ij->i", diff, diff)
+        out = np.empty(len(rows), dtype=np.float64)
+
+        def part(start: int) -> None:
+            p = pos[start : start + _REFINE_ROWS]
+            diff = np.take(self._x, p, axis=0).astype(np.float64)
+            np.subtract(q64[rows[start : start + _REFINE_ROWS]], diff, out=diff)
+            out[start : start + len(p)] = np.einsum("ij,ij->i", diff, diff)
+
+        _each(part, range(0, len(rows), _REFINE_ROWS))
+        return out
+
+
+class ProjectedSearcher(ExactSearcher):
+    """Exact search that scores every stored vector in a few dimensions, not all of them.
+
+    Embeddings hold most of their length in a few directions. With V the first ``m`` principal
+    axes of the stored vectors and r(x) = |x - V V'x| what is left over, Cauchy-Schwarz gives
+
+        q.x = (V'q).(V'x) + (q - VV'q).(x - VV'x) <= [V'q, r(q)] . [V'x, r(x)]
+
+    so one bf16 matrix product of m + 1 columns bounds every score from above (the error bound
+    of `ExactSearcher` covers its rounding). Rows are kept in k-means order, so the vectors near a
+    query sit in a few groups of 64; a group's largest bound decides whether to look inside. The
+    k-th best exact score among the rows of a query's best groups says how high a bound must reach
+    to matter; the few rows that reach it are scored exactly as `ExactSearcher` does, so the
+    answer is the same. Where the vectors are not concentrated in a few directions too many groups
+    pass, and the block falls back to the full-dimension scan (made once, when first needed).
+    """
+
+    def __init__(
+        self, vectors: np.ndarray, dims: int | None = None, axes: np.ndarray | None = None
+    ) -> None:
+        dims = PROJECTED_DIMS if dims is None else dims
+        self._m = max(1, min(dims, vectors.shape[1] - 1)) if vectors.ndim == 2 else 1
+        self._given_axes = axes
+        self._full: ExactSearcher | None = None
+        self._full_lock = threading.Lock()
+        self.fallbacks = 0  # query blocks that needed the full-dimension scan
+        super().__init__(vectors)
+
+    @property
+    def width(self) -> int:
+        return self._m + 1
+
+    @property
+    def nbytes(self) -> int:
+        full = self._full.nbytes if self._full is not None else 0
+        return super().nbytes + self._order.nbytes + full
+
+    def _prepare(self) -> None:
+        if self._given_axes is not None and self._given_axes.shape == (self.dim, self._m):
+            self._axes = self._given_axes
+        else:
+            self._axes = principal_axes(self._x, self._m)[0]
+
+    def _features(self, x64: np.ndarray) -> np.ndarray:
+        """[V'x, r(x)], r rounded up: |x|^2 - |V'x|^2 loses nothing the 1e-12 does not cover."""
+        head = x64 @ self._axes
+        rest = np.einsum("ij,ij->i", x64, x64) - np.einsum("ij,ij->i", head, head)
+        return np.concatenate([head, np.sqrt(np.maximum(rest, 0.0) + 1e-12)[:, None]], axis=1)
+
+    def _arrange(self) -> None:
+        """Rows in k-means order (over the bf16 features; only speed depends on the order)."""
+        self._order = np.arange(self.n, dtype=np.int64)
+        if self.n < 2 * GROUP:
+            return
+        import faiss
+
+        lists = int(min(_MAX_LISTS, max(2, self.n // _ROWS_PER_LIST)))
+        rng = np.random.default_rng(1)
+        take = min(self.n, lists * _KMEANS_SAMPLE)
+        sample = self._low[np.sort(rng.choice(self.n, size=take, replace=False))]
+        kmeans = faiss.Kmeans(self.width, lists, niter=_KMEANS_ITERATIONS, seed=1)
+        kmeans.train(np.ascontiguousarray(sample.float().numpy()))
+        assign = np.empty(self.n, dtype=np.int64)
+        for start in range(0, self.n, _BUILD_ROWS):
+            block = self._low[start : min(self.n, start + _BUILD_ROWS)].float().numpy()
+            assign[start : start + len(block)] = kmeans.index.search(block, 1)[1][:, 0]
+        self._order = np.argsort(assign, kind="stable")
+        order = torch.from_numpy(self._order)
+        self._low[: self.n] = self._low[order]
+
+    def search(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        nq = len(queries)
+        groups = len(self._low) // GROUP
+        block = max(16, min(PROJECTED_QUERY_BLOCK, _SCORE_BYTES // (2 * max(groups, 1))))
+        D = np.full((nq, k), np.inf, dtype=np.float32)
+        I = np.full((nq, k), -1, dtype=np.int64)  # noqa: E741
+        if nq == 0 or self.n == 0:
+            return D, I
+        for start in range(0, nq, block):
+            xq = np.ascontiguousarray(queries[start : start + block], dtype=np.float32)
+            stop = start + len(xq)
+            found = None
+            if self.fallbacks < _FALLBACKS_TO_GIVE_UP:
+                found = self._try_block(xq, k, ids)
+            if found is None:
+                found = self._full_searcher().search(xq, k, ids)
+            D[start:stop], I[start:stop] = found
+        return D, I
+
+    def _full_searcher(self) -> ExactSearcher:
+        with self._full_lock:
+            if self._full is None:
+                log.info("the vectors are spread over many directions: full-dimension bf16 scan")
+                self._full = ExactSearcher(self._x)
+            return self._full
+
+    def _try_block(
+        self, xq: np.ndarray, k: int, ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The block's answer, or None when too many groups pass (the full scan is faster)."""
+        low, unit, bound = self._quantise(xq)
+        q64 = xq.astype(np.float64)
+        qn2 = np.einsum("ij,ij->i", q64, q64)
+        best = self._group_bounds(low)
+        threshold = self._threshold(low, q64, qn2, k, best, unit, bound)
+        found = self._candidates(low, best, threshold)
+        if found is None:
+            self.fallbacks += 1
+            return None
+        cand_q, cand_pos, cand_score = found
+        return self._refine(q64, qn2, k, ids, cand_q, cand_pos, cand_score * unit[cand_q], bound)
+
+    def _group_bounds(self, low: torch.Tensor) -> torch.Tensor:
+        """(groups, queries) bf16: each group's largest bf16 bound, one product per chunk."""
+        rows = len(self._low)
+        best = torch.empty((rows // GROUP, len(low)), dtype=torch.bfloat16)
+        scores = torch.empty((min(rows, PROJECTED_CHUNK), len(low)), dtype=torch.bfloat16)
+        for start in range(0, rows, PROJECTED_CHUNK):
+            stop = min(rows, start + PROJECTED_CHUNK)
+            out = scores[: stop - start]
+            torch.mm(self._low[start:stop], low.T, out=out)
+            into = best[start // GROUP : stop // GROUP]
+            torch.amax(out.view(-1, GROUP, len(low)), dim=1, out=into)
+        return best
+
+    def _threshold(
+        self,
+        low: torch.Tensor,
+        q64: np.ndarray,
+        qn2: np.ndarray,
+        k: int,
+        best: torch.Tensor,
+        unit: np.ndarray,
+        bound: np.ndarray,
+    ) -> torch.Tensor:
+        """Per query, the bf16 bound a row must reach to be among the k nearest (float32).
+
+        The rows of the query's best groups with the highest bounds are scored in float32; their
+        k-th distance (plus float32 slack) is at least the true k-th, so a row can only compete
+        if its inner product reaches what that distance needs, and so its bound too.
+        """
+        b = len(low)
+        groups = best.shape[0]
+        top = best.T.contiguous().topk(min(_SEED_GROUPS, groups), dim=1).indices  # (b, groups)
+        pos = (top[:, :, None] * GROUP + torch.arange(GROUP)).reshape(b, -1)
+        members = self._low.view(groups, GROUP, self.width)[top].reshape(b, -1, self.width)
+        scores = torch.bmm(members, low[:, :, None]).squeeze(2).float()
+        scores[pos >= self.n] = float("-inf")
+        pick = scores.topk(min(_SEED_ROWS * k, pos.shape[1]), dim=1).indices
+        seed = torch.gather(pos, 1, pick).numpy()
+        rows = np.repeat(np.arange(b), seed.shape[1])
+        seed = seed.ravel()
+        keep = seed < self.n
+        rows, seed = rows[keep], self._order[seed[keep]]
+        slack = _f32_slack(qn2, self.dim, self._norm_max)
+        d2 = self._distances2_f32(q64, qn2, rows, seed)
+        dk2 = _kth_smallest(d2 + slack[rows], rows, b, k)
+        margin = _margin(qn2, self._norm_max)
+        need = (qn2 + self._norm_min**2 - dk2 - margin) / 2  # -inf with fewer than k seeds
+        threshold = (need - bound * (1 + 1e-6)) / unit
+        threshold = threshold - 1e-9 * np.abs(threshold)
+        return _round_down(torch.from_numpy(threshold))
+
+    def _candidates(
+        self, low: torch.Tensor, best: torch.Tensor, threshold: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(query row, position, bf16 bound) of every row whose bound reaches the threshold.
+
+        None when so many groups pass that the full-dimension scan is the faster way.
+        """
+        gg, qq = torch.nonzero(best.float() >= threshold[None, :], as_tuple=True)
+        if len(gg) > _MAX_PASSING * best.numel():
+            return None
+        groups = self._low.view(-1, GROUP, self.width)
+        found_q, found_pos, found_score = [], [], []
+        for start in range(0, len(gg), _PAIR_BLOCK):
+            g, q = gg[start : start + _PAIR_BLOCK], qq[start : start + _PAIR_BLOCK]
+            scores = torch.bmm(groups[g], low[q][:, :, None]).squeeze(2).float()
+            pi, pj = torch.nonzero(scores >= threshold[q][:, None], as_tuple=True)
+            found_q.append(q[pi])
+            found_pos.append(g[pi] * GROUP + pj)
+            found_score.append(scores[pi, pj])
+        if not found_q:
+            empty = np.empty(0, dtype=np.int64)
+            return empty, empty, np.empty(0, dtype=np.float64)
+        cand_q = torch.cat(found_q).numpy()
+        cand_pos = torch.cat(found_pos).numpy()
+        cand_score = torch.cat(found_score).to(torch.float64).numpy()
+        keep = cand_pos < self.n  # padding rows
+        return cand_q[keep], self._order[cand_pos[keep]], cand_score[keep]
+
+
+def principal_axes(vectors: np.ndarray, dims: int) -> tuple[np.ndarray, float]:
+    """(the first `dims` principal axes (dim, dims) float64, share of length left outside them).
+
+    From the second moments of a seeded sample; any orthonormal axes keep the search exact,
+    good ones only make it faster.
+    """
+    n, dim = vectors.shape
+    rng = np.random.default_rng(0)
+    take = min(n, _AXES_SAMPLE)
+    if take == 0:
+        return np.eye(dim)[:, :dims], 0.0
+    sample = vectors[np.sort(rng.choice(n, size=take, replace=False))].astype(np.float64)
+    values, axes = np.linalg.eigh(sample.T @ sample)
+    values, axes = values[::-1], axes[:, ::-1]
+    total = float(values.sum())
+    left = float(values[dims:].sum()) / total if total > 0 else 0.0
+    return np.ascontiguousarray(axes[:, :dims]), left
+
+
+def make_searcher(vectors: np.ndarray) -> ExactSearcher:
+    """The projected searcher where it pays (many vectors, most of their length in a few
+    directions), else the full-dimension one."""
+    n, dim = vectors.shape
+    if n >= PROJECTED_MIN_VECTORS and dim >= 4 * PROJECTED_DIMS:
+        axes, left = principal_axes(vectors, PROJECTED_DIMS)
+        if left <= PROJECTED_MAX_RESIDUAL:
+            return ProjectedSearcher(vectors, PROJECTED_DIMS, axes)
+        log.debug("%.0f%% of the length outside %d directions: full scan", 100 * left, dim)
+    return ExactSearcher(vectors)
+
+
+def _each(fn: Callable[[int], None], starts: range) -> None:
+    """fn(start) for every start, on the CPU's cores (numpy releases the GIL while it gathers)."""
+    if len(starts) < 2:
+        for start in starts:
+            fn(start)
+        return
+    with _pool_lock:
+        if not _pool:
+            _pool.append(ThreadPoolExecutor(max(1, torch.get_num_threads()), "simsearch-exact"))
+    for future in [_pool[0].submit(fn, start) for start in starts]:
+        future.result()
 
 
 def _f32_slack(qn2: np.ndarray, dim: int, norm_max: float) -> np.ndarray:

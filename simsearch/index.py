@@ -5,8 +5,9 @@ Two kinds, chosen by the FAISS factory string:
 * **Flat** (the default): every vector in an ``IDMap2,Flat``; search is exact. Large searches
   run as a bf16 matrix product with a rigorous error bound and exact re-scoring
   (`simsearch.exact`: bf16 units do 2 (AVX512-BF16) to 16 (AMX) times the float32 work per
-  cycle; measured 1.9 to 2.3 times FAISS's flat scan on an AVX512-BF16 CPU); small ones go to
-  FAISS, with the same guarantee checked from FAISS's float32 error bound.
+  cycle), over the few principal directions that hold most of the vectors' length plus a bound
+  on the rest where that pays (`exact.make_searcher`); small ones go to FAISS, with the same
+  guarantee checked from FAISS's float32 error bound.
 * **Approximate** (any other factory, e.g. ``IVF4096,PQ64x4fs`` or ``HNSW32``): the FAISS index
   proposes ``k * rerank`` candidates per query, re-scored exactly from an exact copy of the
   vectors kept beside it (`simsearch.ann.ExactVectors`). Removal is lazy: removed ids leave the
@@ -468,7 +469,7 @@ class VectorIndex:
             cached = self._exact_cache
             if cached is not None and cached[0] == self._version:
                 return cached[1], cached[2]
-            searcher = exact.ExactSearcher(self._flat_view())
+            searcher = exact.make_searcher(self._flat_view())
             self._exact_cache = (self._version, searcher, self._id_map().copy())
             logger.debug("built the bf16 copy of %d vectors for exact search", len(self))
             return searcher, self._exact_cache[2]

@@ -137,3 +137,112 @@ def test_kernel_choice_follows_the_cpu_and_the_environment(monkeypatch: pytest.M
     monkeypatch.setattr(exact_module, "cpu_supports_bf16", lambda: False)
     assert exact_module.choose_kernel() is None
     assert torch.get_num_threads() >= 1
+
+
+# -- the projected searcher: a few principal directions and a bound on the rest -----------------
+
+
+def low_rank(rng: np.random.Generator, n: int, dim: int, clusters: int = 30) -> np.ndarray:
+    """Unit vectors whose length sits mostly in a few directions, as embeddings' does."""
+    spectrum = (1.0 + np.arange(dim)) ** -1.0
+    centres = rng.standard_normal((clusters, dim)) * spectrum
+    noise = 0.5 * rng.standard_normal((n, dim)) * spectrum
+    x = (centres[rng.integers(0, clusters, n)] + noise).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def projected_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small chunks and query blocks, and never the fallback, so the projected path runs."""
+    monkeypatch.setattr(exact_module, "PROJECTED_CHUNK", 4 * exact_module.GROUP)
+    monkeypatch.setattr(exact_module, "PROJECTED_QUERY_BLOCK", 16)
+    monkeypatch.setattr(exact_module, "_PAIR_BLOCK", 7)
+    monkeypatch.setattr(exact_module, "_MAX_PASSING", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("n", "dim", "dims", "nq", "k"),
+    [
+        (1, 8, 4, 3, 5),  # k > n: padded
+        (100, 16, 4, 5, 10),  # fewer rows than the k-means order needs
+        (1_000, 32, 8, 40, 1),
+        (3_001, 64, 16, 37, 10),  # groups not whole
+        (3_000, 64, 16, 7, 50),
+    ],
+)
+def test_projected_matches_brute_force(
+    n: int, dim: int, dims: int, nq: int, k: int, projected_small: None
+) -> None:
+    rng = np.random.default_rng(n + dim + k)
+    xb = low_rank(rng, n, dim)
+    xq = np.concatenate([low_rank(rng, nq, dim), xb[:2], unit(rng, 3, dim)])
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)
+    searcher = exact_module.ProjectedSearcher(xb, dims=dims)
+    dist, found = searcher.search(xq, k, ids)
+    want_dist, want_found = brute_force(xb, ids, xq, k)
+    np.testing.assert_array_equal(found, want_found)
+    np.testing.assert_array_equal(dist, want_dist)
+    assert searcher.fallbacks == 0
+    assert (dist[nq : nq + min(2, n), 0] == 0.0).all()  # stored vectors find themselves
+
+
+def test_projected_ties_and_lengths(projected_small: None) -> None:
+    rng = np.random.default_rng(11)
+    xb = low_rank(rng, 2_000, 48) * rng.uniform(0.5, 2.0, (2_000, 1)).astype(np.float32)
+    copies = rng.choice(2_000, size=30, replace=False)
+    xb[copies] = xb[copies[0]]  # 30 equal vectors, spread over the k-means order
+    ids = rng.permutation(2_000).astype(np.int64)
+    xq = np.concatenate([xb[copies[:1]], low_rank(rng, 20, 48) * 1.5])
+    searcher = exact_module.ProjectedSearcher(xb, dims=12)
+    dist, found = searcher.search(xq, 40, ids)
+    want_dist, want_found = brute_force(xb, ids, xq, 40)
+    np.testing.assert_array_equal(found, want_found)
+    np.testing.assert_array_equal(dist, want_dist)
+    assert found[0, :30].tolist() == sorted(ids[copies].tolist())
+
+
+def test_projected_bound_holds_for_every_pair() -> None:
+    """[V'q, r(q)].[V'x, r(x)] >= q.x, and its bf16 value is within the error bound of it."""
+    rng = np.random.default_rng(12)
+    xb = np.concatenate([low_rank(rng, 1_500, 128), unit(rng, 500, 128)])
+    xq = np.concatenate([low_rank(rng, 30, 128), unit(rng, 30, 128), xb[:4]])
+    searcher = exact_module.ProjectedSearcher(xb, dims=16)
+    fq = searcher._features(xq.astype(np.float64))
+    fx = searcher._features(xb.astype(np.float64))
+    upper = fq @ fx.T
+    exact = xq.astype(np.float64) @ xb.astype(np.float64).T
+    assert (upper >= exact - 1e-12).all()
+    low, unit_ip, bound = searcher._quantise(xq)
+    rows = torch.from_numpy(np.argsort(searcher._order))  # the copy is in k-means order
+    coarse = (low @ searcher._low[rows].T).float().double().numpy() * unit_ip[:, None]
+    assert (np.abs(coarse - upper) <= bound[:, None]).all()
+
+
+def test_projected_falls_back_when_vectors_are_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Isotropic vectors: most groups pass, so the full-dimension scan answers (still exact)."""
+    monkeypatch.setattr(exact_module, "PROJECTED_QUERY_BLOCK", 16)
+    rng = np.random.default_rng(13)
+    xb = unit(rng, 3_000, 64)
+    xq = unit(rng, 40, 64)
+    ids = np.arange(3_000, dtype=np.int64)
+    searcher = exact_module.ProjectedSearcher(xb, dims=8)
+    dist, found = searcher.search(xq, 10, ids)
+    want_dist, want_found = brute_force(xb, ids, xq, 10)
+    np.testing.assert_array_equal(found, want_found)
+    np.testing.assert_array_equal(dist, want_dist)
+    assert searcher.fallbacks == exact_module._FALLBACKS_TO_GIVE_UP  # then it stops trying
+    assert searcher.nbytes > xb.nbytes // 2  # the full copy was made
+
+
+def test_make_searcher_projects_many_long_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(14)
+    monkeypatch.setattr(exact_module, "PROJECTED_MIN_VECTORS", 500)
+    monkeypatch.setattr(exact_module, "PROJECTED_DIMS", 8)
+    projected = exact_module.ProjectedSearcher
+    assert type(exact_module.make_searcher(low_rank(rng, 600, 64))) is projected
+    assert type(exact_module.make_searcher(low_rank(rng, 400, 64))) is ExactSearcher
+    assert type(exact_module.make_searcher(low_rank(rng, 600, 16))) is ExactSearcher
+    assert type(exact_module.make_searcher(unit(rng, 600, 64))) is ExactSearcher  # spread out
+    axes, left = exact_module.principal_axes(low_rank(rng, 600, 64), 8)
+    np.testing.assert_allclose(axes.T @ axes, np.eye(8), atol=1e-12)
+    assert 0.0 < left < exact_module.PROJECTED_MAX_RESIDUAL

@@ -51,18 +51,19 @@ QUERY_BLOCK = 256  # queries per matrix product
 _BUILD_ROWS = 65_536  # rows converted at a time (bounds temporary memory)
 PROJECTED_DIMS = 64  # principal directions scored by the projected searcher
 PROJECTED_MIN_VECTORS = 150_000  # below this the full-dimension scan is as fast (measured)
-PROJECTED_CHUNK = 2_048  # rows per matrix product (its scores stay in the CPU's caches)
+PROJECTED_CHUNK = 4_096  # rows per matrix product (its scores stay in the CPU's caches)
+PROJECTED_GROUP = 32  # rows per group of the projected scan (GROUP is a multiple of it)
 PROJECTED_QUERY_BLOCK = 1_024  # queries per block (group bounds: 2 bytes per group and query)
 _SCORE_BYTES = 64 << 20  # at most this much memory for one block's group bounds
 _AXES_SAMPLE = 32_768  # vectors the principal axes are computed from
 PROJECTED_MAX_RESIDUAL = 0.3  # share of the squared length outside them above which it won't pay
-_ROWS_PER_LIST = 500  # k-means lists for the row order: about this many rows each
-_MAX_LISTS = 2_048
+_ROWS_PER_LIST = 250  # k-means lists for the row order: about this many rows each
+_MAX_LISTS = 4_096
 _KMEANS_ITERATIONS = 4  # enough for an order: more costs build time, not speed
 _KMEANS_SAMPLE = 40  # training rows per list (FAISS asks for 39)
 _SEED_GROUPS = 16  # a query's best groups whose rows give its first k distances
-_SEED_ROWS = 8  # times k rows of them scored in float32
-_PAIR_BLOCK = 4_096  # (group, query) pairs looked into at a time
+_SEED_ROWS = 4  # times k rows of them scored in float32
+_PAIR_BLOCK = 8_192  # (group, query) pairs looked into at a time
 _MAX_PASSING = 0.02  # more passing groups than this share: the full scan is faster
 _FALLBACKS_TO_GIVE_UP = 2  # after this many fallbacks every block uses the full scan
 _REFINE_ROWS = 8_192  # candidate rows scored at a time (one task of the thread pool)
@@ -434,16 +435,20 @@ class ProjectedSearcher(ExactSearcher):
         return self._refine(q64, qn2, k, ids, cand_q, cand_pos, cand_score * unit[cand_q], bound)
 
     def _group_bounds(self, low: torch.Tensor) -> torch.Tensor:
-        """(groups, queries) bf16: each group's largest bf16 bound, one product per chunk."""
-        rows = len(self._low)
-        best = torch.empty((rows // GROUP, len(low)), dtype=torch.bfloat16)
+        """(groups, queries) bf16: each group's largest bf16 bound, one product per chunk.
+
+        Groups of `PROJECTED_GROUP` rows: smaller than the full scan's, as fewer rows are then
+        read again for each group that passes.
+        """
+        rows, size = len(self._low), PROJECTED_GROUP
+        best = torch.empty((rows // size, len(low)), dtype=torch.bfloat16)
         scores = torch.empty((min(rows, PROJECTED_CHUNK), len(low)), dtype=torch.bfloat16)
         for start in range(0, rows, PROJECTED_CHUNK):
             stop = min(rows, start + PROJECTED_CHUNK)
             out = scores[: stop - start]
             torch.mm(self._low[start:stop], low.T, out=out)
-            into = best[start // GROUP : stop // GROUP]
-            torch.amax(out.view(-1, GROUP, len(low)), dim=1, out=into)
+            into = best[start // size : stop // size]
+            torch.amax(out.view(-1, size, len(low)), dim=1, out=into)
         return best
 
     def _threshold(
@@ -463,8 +468,9 @@ class ProjectedSearcher(ExactSearcher):
         if its inner product reaches what that distance needs, and so its bound too.
         """
         b = len(low)
-        groups = best.shape[0]
-        top = best.T.contiguous().topk(min(_SEED_GROUPS, groups), dim=1).indices  # (b, groups)
+        pairs = best.view(-1, GROUP // PROJECTED_GROUP, b).amax(dim=1)  # per GROUP rows
+        groups = pairs.shape[0]
+        top = pairs.T.contiguous().topk(min(_SEED_GROUPS, groups), dim=1).indices  # (b, groups)
         pos = (top[:, :, None] * GROUP + torch.arange(GROUP)).reshape(b, -1)
         members = self._low.view(groups, GROUP, self.width)[top].reshape(b, -1, self.width)
         scores = torch.bmm(members, low[:, :, None]).squeeze(2).float()
@@ -491,17 +497,17 @@ class ProjectedSearcher(ExactSearcher):
 
         None when so many groups pass that the full-dimension scan is the faster way.
         """
-        gg, qq = torch.nonzero(best.float() >= threshold[None, :], as_tuple=True)
+        gg, qq = torch.nonzero(best >= _bf16_round_down(threshold)[None, :], as_tuple=True)
         if len(gg) > _MAX_PASSING * best.numel():
             return None
-        groups = self._low.view(-1, GROUP, self.width)
+        groups = self._low.view(-1, PROJECTED_GROUP, self.width)
         found_q, found_pos, found_score = [], [], []
         for start in range(0, len(gg), _PAIR_BLOCK):
             g, q = gg[start : start + _PAIR_BLOCK], qq[start : start + _PAIR_BLOCK]
             scores = torch.bmm(groups[g], low[q][:, :, None]).squeeze(2).float()
             pi, pj = torch.nonzero(scores >= threshold[q][:, None], as_tuple=True)
             found_q.append(q[pi])
-            found_pos.append(g[pi] * GROUP + pj)
+            found_pos.append(g[pi] * PROJECTED_GROUP + pj)
             found_score.append(scores[pi, pj])
         if not found_q:
             empty = np.empty(0, dtype=np.int64)
@@ -574,6 +580,16 @@ def _round_down(tau: torch.Tensor) -> torch.Tensor:
     above = low.to(torch.float64) > tau
     if bool(above.any()):
         low = torch.where(above, torch.nextafter(low, torch.full_like(low, float("-inf"))), low)
+    return low
+
+
+def _bf16_round_down(tau: torch.Tensor) -> torch.Tensor:
+    """float32 thresholds in bf16, never above them: nothing at or above them is missed."""
+    low = tau.to(torch.bfloat16)
+    above = low.float() > tau
+    if bool(above.any()):
+        down = torch.full_like(low, float("-inf"))
+        low = torch.where(above, torch.nextafter(low, down), low)
     return low
 
 

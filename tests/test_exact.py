@@ -154,7 +154,7 @@ def low_rank(rng: np.random.Generator, n: int, dim: int, clusters: int = 30) -> 
 @pytest.fixture
 def projected_small(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks and query blocks, and never the fallback, so the projected path runs."""
-    monkeypatch.setattr(exact_module, "PROJECTED_CHUNK", 4 * exact_module.GROUP)
+    monkeypatch.setattr(exact_module, "PROJECTED_CHUNK", 2 * exact_module.GROUP)
     monkeypatch.setattr(exact_module, "PROJECTED_QUERY_BLOCK", 16)
     monkeypatch.setattr(exact_module, "_PAIR_BLOCK", 7)
     monkeypatch.setattr(exact_module, "_MAX_PASSING", 1.0)

@@ -131,6 +131,8 @@ class ExactSearcher:
 
     # -- what the bf16 copy holds: here the vectors themselves ----------------------------------
 
+    _SHIFT = 0  # 1: a column of ones on both sides adds 1 to every bf16 score (none here)
+
     @property
     def width(self) -> int:
         """Columns of the bf16 copy."""
@@ -181,13 +183,22 @@ class ExactSearcher:
         f = scaled - low64
         fnorm = np.sqrt(np.einsum("ij,ij->i", f, f))
         lownorm = np.sqrt(np.einsum("ij,ij->i", low64, low64))
+        # With a column of ones on both sides every score is 1 more (exactly: 1 is a bf16
+        # number): the accumulation adds one term of size 1, the output is under 2 in size.
+        ones = self._SHIFT
         bound = (
             qn * t * self._err_max
             + fnorm * self._low_max
-            + 2 * self.width * _U32 * lownorm * self._low_max
-            + _HALF_ULP_BELOW_1
-            + self.width * 2.0**-126  # products flushed to zero as denormals
+            + 2
+            * (self.width + ones)
+            * _U32
+            * np.sqrt(lownorm**2 + ones)
+            * np.sqrt(self._low_max**2 + ones)
+            + (2 * _HALF_ULP_BELOW_1 if ones else _HALF_ULP_BELOW_1)
+            + (self.width + ones) * 2.0**-126  # products flushed to zero as denormals
         )
+        if ones:
+            low = torch.cat([low, torch.ones((len(low), 1), dtype=torch.bfloat16)], dim=1)
         unit = 1.0 / (t * self._scale)
         return low, unit, bound * (1 + 1e-9) * unit
 
@@ -371,7 +382,19 @@ class ProjectedSearcher(ExactSearcher):
         rest = np.einsum("ij,ij->i", x64, x64) - np.einsum("ij,ij->i", head, head)
         return np.concatenate([head, np.sqrt(np.maximum(rest, 0.0) + 1e-12)[:, None]], axis=1)
 
+    # Every bf16 score is 1 more than the bound it stands for, so it is positive, and positive
+    # bf16 numbers order as their bits do: group maxima are taken over int16, several times
+    # faster than over bf16.
+    _SHIFT = 1
+
     def _arrange(self) -> None:
+        """Rows in k-means order, then the column of ones (zeros for padding: never larger)."""
+        self._order_rows()
+        ones = torch.zeros((len(self._low), 1), dtype=torch.bfloat16)
+        ones[: self.n] = 1.0
+        self._low = torch.cat([self._low, ones], dim=1)
+
+    def _order_rows(self) -> None:
         """Rows in k-means order (over the bf16 features; only speed depends on the order)."""
         self._order = np.arange(self.n, dtype=np.int64)
         if self.n < 2 * GROUP:
@@ -441,15 +464,15 @@ class ProjectedSearcher(ExactSearcher):
         read again for each group that passes.
         """
         rows, size = len(self._low), PROJECTED_GROUP
-        best = torch.empty((rows // size, len(low)), dtype=torch.bfloat16)
+        best = torch.empty((rows // size, len(low)), dtype=torch.int16)
         scores = torch.empty((min(rows, PROJECTED_CHUNK), len(low)), dtype=torch.bfloat16)
+        keys = scores.view(torch.int16)  # the same bits: positive bf16 numbers order as int16
         for start in range(0, rows, PROJECTED_CHUNK):
             stop = min(rows, start + PROJECTED_CHUNK)
-            out = scores[: stop - start]
-            torch.mm(self._low[start:stop], low.T, out=out)
+            torch.mm(self._low[start:stop], low.T, out=scores[: stop - start])
             into = best[start // size : stop // size]
-            torch.amax(out.view(-1, size, len(low)), dim=1, out=into)
-        return best
+            torch.amax(keys[: stop - start].view(-1, size, len(low)), dim=1, out=into)
+        return best.view(torch.bfloat16)
 
     def _threshold(
         self,
@@ -468,11 +491,13 @@ class ProjectedSearcher(ExactSearcher):
         if its inner product reaches what that distance needs, and so its bound too.
         """
         b = len(low)
-        pairs = best.view(-1, GROUP // PROJECTED_GROUP, b).amax(dim=1)  # per GROUP rows
+        per = GROUP // PROJECTED_GROUP
+        pairs = best.view(torch.int16).view(-1, per, b).amax(dim=1)  # per GROUP rows (as keys)
         groups = pairs.shape[0]
         top = pairs.T.contiguous().topk(min(_SEED_GROUPS, groups), dim=1).indices  # (b, groups)
         pos = (top[:, :, None] * GROUP + torch.arange(GROUP)).reshape(b, -1)
-        members = self._low.view(groups, GROUP, self.width)[top].reshape(b, -1, self.width)
+        columns = self._low.shape[1]
+        members = self._low.view(groups, GROUP, columns)[top].reshape(b, -1, columns)
         scores = torch.bmm(members, low[:, :, None]).squeeze(2).float()
         scores[pos >= self.n] = float("-inf")
         pick = scores.topk(min(_SEED_ROWS * k, pos.shape[1]), dim=1).indices
@@ -486,9 +511,10 @@ class ProjectedSearcher(ExactSearcher):
         dk2 = _kth_smallest(d2 + slack[rows], rows, b, k)
         margin = _margin(qn2, self._norm_max)
         need = (qn2 + self._norm_min**2 - dk2 - margin) / 2  # -inf with fewer than k seeds
-        threshold = (need - bound * (1 + 1e-6)) / unit
+        threshold = (need - bound * (1 + 1e-6)) / unit + self._SHIFT
         threshold = threshold - 1e-9 * np.abs(threshold)
-        return _round_down(torch.from_numpy(threshold))
+        # Every score is positive: a threshold under 0 lets everything pass, as 0 does.
+        return _round_down(torch.from_numpy(np.maximum(threshold, 0.0)))
 
     def _candidates(
         self, low: torch.Tensor, best: torch.Tensor, threshold: torch.Tensor
@@ -497,10 +523,11 @@ class ProjectedSearcher(ExactSearcher):
 
         None when so many groups pass that the full-dimension scan is the faster way.
         """
-        gg, qq = torch.nonzero(best >= _bf16_round_down(threshold)[None, :], as_tuple=True)
+        keys = _bf16_round_down(threshold).view(torch.int16)
+        gg, qq = torch.nonzero(best.view(torch.int16) >= keys[None, :], as_tuple=True)
         if len(gg) > _MAX_PASSING * best.numel():
             return None
-        groups = self._low.view(-1, PROJECTED_GROUP, self.width)
+        groups = self._low.view(-1, PROJECTED_GROUP, self._low.shape[1])
         found_q, found_pos, found_score = [], [], []
         for start in range(0, len(gg), _PAIR_BLOCK):
             g, q = gg[start : start + _PAIR_BLOCK], qq[start : start + _PAIR_BLOCK]
@@ -516,7 +543,7 @@ class ProjectedSearcher(ExactSearcher):
         cand_pos = torch.cat(found_pos).numpy()
         cand_score = torch.cat(found_score).to(torch.float64).numpy()
         keep = cand_pos < self.n  # padding rows
-        return cand_q[keep], self._order[cand_pos[keep]], cand_score[keep]
+        return cand_q[keep], self._order[cand_pos[keep]], cand_score[keep] - self._SHIFT
 
 
 def principal_axes(vectors: np.ndarray, dims: int) -> tuple[np.ndarray, float]:

@@ -214,7 +214,9 @@ def test_projected_bound_holds_for_every_pair() -> None:
     assert (upper >= exact - 1e-12).all()
     low, unit_ip, bound = searcher._quantise(xq)
     rows = torch.from_numpy(np.argsort(searcher._order))  # the copy is in k-means order
-    coarse = (low @ searcher._low[rows].T).float().double().numpy() * unit_ip[:, None]
+    shifted = (low @ searcher._low[rows].T).float().double().numpy()
+    assert (shifted > 0).all()  # one more than the bound: positive, so int16 order is bf16 order
+    coarse = (shifted - 1.0) * unit_ip[:, None]
     assert (np.abs(coarse - upper) <= bound[:, None]).all()
 
 
@@ -246,3 +248,30 @@ def test_make_searcher_projects_many_long_vectors(monkeypatch: pytest.MonkeyPatc
     axes, left = exact_module.principal_axes(low_rank(rng, 600, 64), 8)
     np.testing.assert_allclose(axes.T @ axes, np.eye(8), atol=1e-12)
     assert 0.0 < left < exact_module.PROJECTED_MAX_RESIDUAL
+
+
+def test_projected_scores_few_rows_exactly(projected_small: None) -> None:
+    """The threshold is tight: on low-rank vectors a small share of rows reaches it, and
+    every true neighbour does."""
+    rng = np.random.default_rng(15)
+    xb = low_rank(rng, 4_000, 64, clusters=40)
+    xq = low_rank(rng, 50, 64, clusters=40)
+    searcher = exact_module.ProjectedSearcher(xb, dims=16)
+    low, unit_ip, bound = searcher._quantise(xq)
+    q64 = xq.astype(np.float64)
+    qn2 = np.einsum("ij,ij->i", q64, q64)
+    best = searcher._group_bounds(low)
+    threshold = searcher._threshold(low, q64, qn2, 10, best, unit_ip, bound)
+    found = searcher._candidates(low, best, threshold)
+    assert found is not None
+    cand_q, cand_pos, cand_score = found
+    assert len(cand_q) < 0.1 * len(xb) * len(xq)
+    _, want = brute_force(xb, np.arange(len(xb), dtype=np.int64), xq, 10)
+    pairs = set(zip(cand_q.tolist(), cand_pos.tolist(), strict=True))
+    assert all((q, int(p)) in pairs for q in range(len(xq)) for p in want[q])
+    upper = np.einsum(  # each score is its row's bound on q.x, within the bf16 error
+        "ij,ij->i",
+        searcher._features(q64)[cand_q],
+        searcher._features(xb[cand_pos].astype(np.float64)),
+    )
+    assert (np.abs(cand_score * unit_ip[cand_q] - upper) <= bound[cand_q]).all()

@@ -417,7 +417,7 @@ class ProjectedSearcher(ExactSearcher):
 
     def search(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         nq = len(queries)
-        groups = len(self._low) // GROUP
+        groups = len(self._low) // PROJECTED_GROUP  # one int16 maximum per group and query
         block = max(16, min(PROJECTED_QUERY_BLOCK, _SCORE_BYTES // (2 * max(groups, 1))))
         D = np.full((nq, k), np.inf, dtype=np.float32)
         I = np.full((nq, k), -1, dtype=np.int64)  # noqa: E741

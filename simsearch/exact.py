@@ -343,11 +343,12 @@ class ProjectedSearcher(ExactSearcher):
 
     so one bf16 matrix product of m + 1 columns bounds every score from above (the error bound
     of `ExactSearcher` covers its rounding). Rows are kept in k-means order, so the vectors near a
-    query sit in a few groups of 64; a group's largest bound decides whether to look inside. The
-    k-th best exact score among the rows of a query's best groups says how high a bound must reach
-    to matter; the few rows that reach it are scored exactly as `ExactSearcher` does, so the
-    answer is the same. Where the vectors are not concentrated in a few directions too many groups
-    pass, and the block falls back to the full-dimension scan (made once, when first needed).
+    query sit in a few groups of `PROJECTED_GROUP` rows; a group's largest bound decides whether to
+    look inside. The k-th best float32 distance among the rows of a query's best groups says how
+    high a bound must reach to matter; the few rows that reach it are scored exactly as
+    `ExactSearcher` does, so the answer is the same. Where the vectors are not concentrated in a
+    few directions too many groups pass, and the block falls back to the full-dimension scan
+    (made once, when first needed).
     """
 
     def __init__(

@@ -498,7 +498,8 @@ class ProjectedSearcher(ExactSearcher):
         top = pairs.T.contiguous().topk(min(_SEED_GROUPS, groups), dim=1).indices  # (b, groups)
         pos = (top[:, :, None] * GROUP + torch.arange(GROUP)).reshape(b, -1)
         columns = self._low.shape[1]
-        members = self._low.view(groups, GROUP, columns)[top].reshape(b, -1, columns)
+        rows_of = self._low.view(groups, GROUP * columns)  # a group's rows: one contiguous run
+        members = rows_of.index_select(0, top.reshape(-1)).view(b, -1, columns)
         scores = torch.bmm(members, low[:, :, None]).squeeze(2).float()
         scores[pos >= self.n] = float("-inf")
         pick = scores.topk(min(_SEED_ROWS * k, pos.shape[1]), dim=1).indices
@@ -528,11 +529,13 @@ class ProjectedSearcher(ExactSearcher):
         gg, qq = torch.nonzero(best.view(torch.int16) >= keys[None, :], as_tuple=True)
         if len(gg) > _MAX_PASSING * best.numel():
             return None
-        groups = self._low.view(-1, PROJECTED_GROUP, self._low.shape[1])
+        columns = self._low.shape[1]
+        rows_of = self._low.view(-1, PROJECTED_GROUP * columns)  # a group's rows, contiguous
         found_q, found_pos, found_score = [], [], []
         for start in range(0, len(gg), _PAIR_BLOCK):
             g, q = gg[start : start + _PAIR_BLOCK], qq[start : start + _PAIR_BLOCK]
-            scores = torch.bmm(groups[g], low[q][:, :, None]).squeeze(2).float()
+            members = rows_of.index_select(0, g).view(len(g), PROJECTED_GROUP, columns)
+            scores = torch.bmm(members, low.index_select(0, q)[:, :, None]).squeeze(2).float()
             pi, pj = torch.nonzero(scores >= threshold[q][:, None], as_tuple=True)
             found_q.append(q[pi])
             found_pos.append(g[pi] * PROJECTED_GROUP + pj)

@@ -160,8 +160,9 @@ class ExactSearcher:
         I = np.full((nq, k), -1, dtype=np.int64)  # noqa: E741 - FAISS's name for result ids
         if nq == 0 or self.n == 0:
             return D, I
-        for start in range(0, nq, QUERY_BLOCK):
-            xq = np.ascontiguousarray(queries[start : start + QUERY_BLOCK], dtype=np.float32)
+        block = self._query_block()
+        for start in range(0, nq, block):
+            xq = np.ascontiguousarray(queries[start : start + block], dtype=np.float32)
             stop = start + len(xq)
             D[start:stop], I[start:stop] = self._search_block(xq, k, ids)
         return D, I
@@ -201,6 +202,10 @@ class ExactSearcher:
             low = torch.cat([low, torch.ones((len(low), 1), dtype=torch.bfloat16)], dim=1)
         unit = 1.0 / (t * self._scale)
         return low, unit, bound * (1 + 1e-9) * unit
+
+    def _query_block(self) -> int:
+        """Queries searched together (one matrix product per chunk of stored vectors)."""
+        return QUERY_BLOCK
 
     def _search_block(
         self, xq: np.ndarray, k: int, ids: np.ndarray
@@ -416,24 +421,17 @@ class ProjectedSearcher(ExactSearcher):
         order = torch.from_numpy(self._order)
         self._low[: self.n] = self._low[order]
 
-    def search(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        nq = len(queries)
+    def _query_block(self) -> int:
         groups = len(self._low) // PROJECTED_GROUP  # one int16 maximum per group and query
-        block = max(16, min(PROJECTED_QUERY_BLOCK, _SCORE_BYTES // (2 * max(groups, 1))))
-        D = np.full((nq, k), np.inf, dtype=np.float32)
-        I = np.full((nq, k), -1, dtype=np.int64)  # noqa: E741
-        if nq == 0 or self.n == 0:
-            return D, I
-        for start in range(0, nq, block):
-            xq = np.ascontiguousarray(queries[start : start + block], dtype=np.float32)
-            stop = start + len(xq)
-            found = None
-            if self.fallbacks < _FALLBACKS_TO_GIVE_UP:
-                found = self._try_block(xq, k, ids)
-            if found is None:
-                found = self._full_searcher().search(xq, k, ids)
-            D[start:stop], I[start:stop] = found
-        return D, I
+        return max(16, min(PROJECTED_QUERY_BLOCK, _SCORE_BYTES // (2 * max(groups, 1))))
+
+    def _search_block(
+        self, xq: np.ndarray, k: int, ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        found = None
+        if self.fallbacks < _FALLBACKS_TO_GIVE_UP:
+            found = self._try_block(xq, k, ids)
+        return found if found is not None else self._full_searcher().search(xq, k, ids)
 
     def _full_searcher(self) -> ExactSearcher:
         with self._full_lock:

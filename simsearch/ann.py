@@ -2,9 +2,14 @@
 
 `choose_index` is a pure function of the vector count, the dimension and a memory budget, as
 autofaiss's is: exact (Flat) search while the store is small enough for it to be fast, then an
-inverted file with 4-bit product-quantisation codes ("IVF{nlist},PQ{m}x4fs", two dimensions per
-code, scanned with SIMD) that proposes a few candidates per result, re-ranked exactly. A FAISS
-factory string overrides the choice.
+inverted file over the first 128 principal directions with a 4-bit code per direction
+("PCA128,IVF{nlist},PQ128x4fs", scanned with SIMD) that proposes a few candidates per result,
+re-ranked exactly. A FAISS factory string overrides the choice.
+
+How many lists to search and candidates to re-rank depends on the data, so a built index is
+calibrated (`calibration_ladder`, done by `VectorIndex.build`): from a cheap start, each rung
+searches more, until recall@10 against exact search, measured on a seeded sample of the stored
+vectors, reaches the target.
 
 HNSW is not chosen automatically: its graph costs about as much memory as the vectors and takes
 tens of minutes to build for a million vectors on a few cores, against a minute or two for the
@@ -43,13 +48,27 @@ MIN_TRAIN_PER_LIST = 39
 # Inverted lists: nlist ~ 2 sqrt(n) (FAISS suggests 1 to 16 sqrt(n)); fewer lists train faster.
 NLIST_PER_SQRT_N = 2
 MIN_NLIST, MAX_NLIST = 256, 65_536
-# Lists searched per query (a 128th, at least 12) and candidates re-ranked per result (k *
-# RERANK), from bin/bench-search's clustered vectors (1,000,000 x 512, IVF2048,PQ256x4fs):
-# recall@10 is 0.947 / 0.968 / 0.979 / 0.992 with nprobe 8 / 12 / 16 / 32 (it barely moves
-# between 60 and 100 candidates there; 64-d test vectors need 100: 0.85 with 40, 0.997 with 100).
-NPROBE_DIVISOR = 128
-MIN_NPROBE = 12
-RERANK = 10
+# Approximate indexes reduce the vectors to their first REDUCED_DIMS principal directions
+# (FAISS's PCA) and code each of them in 4 bits (fast-scan PQ, 64 bytes per 512-d vector);
+# candidates are re-ranked exactly from the stored vectors. 128 and not 64 directions: on real
+# embeddings of the default model (4,600 photos) the 30 nearest in 64 directions hold 0.88 of the
+# true 10 nearest, in 128 directions 0.95 (on bin/bench-search's vectors 0.98 and 0.995).
+REDUCED_DIMS = 128
+# Lists searched per query to start from (a 256th, at least 8) and candidates re-ranked per
+# result (k * RERANK); `calibration_ladder` raises both until recall@10 on a sample of the
+# stored vectors reaches TARGET_RECALL. bin/bench-search (1,000,000 x 512,
+# PCA128,IVF2048,PQ128x4fs, 30 candidates): recall@10 0.945 / 0.957 / 0.969 at nprobe 10 / 12 /
+# 16; 40 candidates add 0.003.
+NPROBE_DIVISOR = 256
+MIN_NPROBE = 8
+RERANK = 3
+TARGET_RECALL = 0.96  # on the sample; 0.95 is promised, the rest is the sample's uncertainty
+CALIBRATION_QUERIES = 400
+CALIBRATION_K = 10
+NPROBE_STEP = 1.25  # each rung of the ladder searches a quarter more lists
+MAX_EFFORT = 16  # ... up to 16 times the starting nprobe / efSearch
+RERANK_MULTIPLES = (1, 2, 4)  # ... and re-ranks 1, 2 or 4 times RERANK x k candidates
+RERANK_COST = 0.35  # estimated cost of one more multiple of re-ranking, in nprobe doublings
 HNSW_EF_SEARCH = 64
 # Training sample: enough for the coarse k-means (FAISS asks 39 per list) and the PQ codebooks.
 TRAIN_PER_LIST = 64
@@ -58,6 +77,10 @@ TRAIN_SEED = 1234
 # Fraction of the whole RAM an index may use when no budget is given.
 DEFAULT_BUDGET_FRACTION = 0.5
 BUDGET_ENV = "SIMSEARCH_INDEX_MEMORY"  # bytes, or with a K/M/G suffix
+# Dense id -> row table for the base when its ids span at most this many times their count.
+TABLE_SPAN_FACTOR = 4
+TABLE_MIN_SPAN = 1 << 16
+
 # Memory-mapped exact rows read between two drops of their mappings (at most 64 MiB mapped).
 RELEASE_ROWS = 1024
 
@@ -71,6 +94,7 @@ class IndexChoice:
     ef_search: int | None = None  # beam width of the graph search (HNSW)
     train_size: int = 0  # vectors sampled (seeded) to train it; 0: needs no training
     rerank: int = RERANK  # candidates re-scored exactly per result asked for (approximate only)
+    target_recall: float | None = None  # calibrate search effort to this recall@10 (approximate)
     reason: str = ""  # one line for logs
 
     @property
@@ -84,17 +108,23 @@ def flat_bytes(n_vectors: int, dim: int) -> int:
 
 
 def ivf_pq_bytes(n_vectors: int, dim: int, nlist: int, m: int) -> int:
-    """Memory of an IVF-PQ (4-bit) index in RAM: codes, ids, centroids and lookup tables."""
-    return n_vectors * (m // 2 + 8) + nlist * dim * 4 + 16 * dim * 4
+    """Memory of a (PCA,) IVF-PQ (4-bit) index in RAM: codes, ids, centroids, lookup tables and
+    the PCA matrix, with m sub-quantizers of one reduced dimension each."""
+    reduced = reduced_dims(dim)
+    pca = dim * reduced * 4 if reduced < dim else 0
+    return n_vectors * (m // 2 + 8) + nlist * reduced * 4 + 16 * reduced * 4 + pca
+
+
+def reduced_dims(dim: int) -> int:
+    """Dimensions the approximate index works in: REDUCED_DIMS principal directions, or all."""
+    return min(dim, REDUCED_DIMS)
 
 
 def pq_subquantizers(dim: int) -> int:
-    """Sub-vectors per 4-bit PQ code: two dimensions each where the dimension allows (256 for
-    512-d), else the largest even divisor of the dimension; 0 when there is none (odd dim)."""
-    for m in range(dim // 2, 1, -1):
-        if dim % m == 0 and m % 2 == 0:
-            return m
-    return 0
+    """Sub-quantizers of a 4-bit PQ code: one per (reduced) dimension where that is even,
+    else 0 (no PQ code fits an odd dimension: 8-bit scalar codes instead)."""
+    reduced = reduced_dims(dim)
+    return reduced if reduced % 2 == 0 else 0
 
 
 def nlist_for(n_vectors: int) -> int:
@@ -108,8 +138,18 @@ def nlist_for(n_vectors: int) -> int:
 
 
 def nprobe_for(nlist: int) -> int:
-    """Lists searched per query: a 128th of them, at least 12 (all, for tiny inverted files)."""
+    """Lists searched per query to start calibrating from: a 256th, at least 8 (all, for tiny
+    inverted files)."""
     return min(nlist, max(MIN_NPROBE, nlist // NPROBE_DIVISOR))
+
+
+def approximate_factory(dim: int, nlist: int) -> str:
+    """The automatic approximate index: PCA (when it reduces), IVF, 4-bit PQ or 8-bit SQ codes."""
+    reduced = reduced_dims(dim)
+    m = pq_subquantizers(dim)
+    codes = f"PQ{m}x4fs" if m else "SQ8"
+    pca = f"PCA{reduced}," if reduced < dim else ""
+    return f"{pca}IVF{nlist},{codes}"
 
 
 def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexChoice:
@@ -123,7 +163,6 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
         return IndexChoice(FLAT, reason=f"{n_vectors} vectors: too few to train an inverted file")
     nlist = nlist_for(n_vectors)
     m = pq_subquantizers(dim)
-    codes = f"PQ{m}x4fs" if m else "SQ8"
     needed = ivf_pq_bytes(n_vectors, dim, nlist, m) if m else n_vectors * (dim + 8)
     why = (
         f"{n_vectors} vectors: exact search holds {flat / 2**20:.0f} MiB; an inverted file "
@@ -132,9 +171,10 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
     if needed > memory_budget_bytes:
         why += f" (over the {memory_budget_bytes / 2**20:.0f} MiB budget: the smallest index)"
     return IndexChoice(
-        factory=f"IVF{nlist},{codes}",
+        factory=approximate_factory(dim, nlist),
         nprobe=nprobe_for(nlist),
         train_size=min(n_vectors, max(MIN_TRAIN_SIZE, TRAIN_PER_LIST * nlist)),
+        target_recall=TARGET_RECALL,
         reason=why,
     )
 
@@ -148,7 +188,41 @@ def choice_for_factory(factory: str, n_vectors: int) -> IndexChoice:
     nprobe = nprobe_for(nlist) if nlist else None
     train = min(n_vectors, max(MIN_TRAIN_SIZE, TRAIN_PER_LIST * (nlist or 0)))
     ef = HNSW_EF_SEARCH if "HNSW" in factory.upper() else None
-    return IndexChoice(factory, nprobe=nprobe, ef_search=ef, train_size=train, reason="asked for")
+    return IndexChoice(
+        factory,
+        nprobe=nprobe,
+        ef_search=ef,
+        train_size=train,
+        target_recall=TARGET_RECALL,
+        reason="asked for",
+    )
+
+
+def calibration_ladder(
+    nprobe: int | None, ef_search: int | None, rerank: int, nlist: int | None
+) -> list[tuple[int | None, int | None, int]]:
+    """Search settings (nprobe, efSearch, rerank) from the given ones upwards, cheapest first.
+
+    Lists searched (or the HNSW beam) grow NPROBE_STEP at a time up to MAX_EFFORT times the
+    start (and every list); candidates re-ranked are 1, 2 or 4 times the given factor. Cost is
+    estimated as the effort plus RERANK_COST per extra multiple of re-ranking (measured on
+    bin/bench-search: 30 more candidates cost about a third of doubling nprobe), so data whose
+    reduced codes rank poorly gets more exact re-scoring before many more lists.
+    """
+    efforts = [1.0]
+    while efforts[-1] * NPROBE_STEP <= MAX_EFFORT:
+        efforts.append(efforts[-1] * NPROBE_STEP)
+    rungs: dict[tuple[int | None, int | None, int], float] = {}
+    for effort in efforts:
+        probe = None if nprobe is None else max(1, round(nprobe * effort))
+        if probe is not None and nlist:
+            probe = min(probe, nlist)
+        ef = None if ef_search is None else max(1, round(ef_search * effort))
+        for multiple in RERANK_MULTIPLES:
+            cost = effort + RERANK_COST * (multiple - 1)
+            rung = (probe, ef, rerank * multiple)
+            rungs[rung] = min(rungs.get(rung, cost), cost)
+    return sorted(rungs, key=lambda rung: (rungs[rung], rung[2]))
 
 
 def trainable(factory: str, n_vectors: int) -> bool:
@@ -207,16 +281,31 @@ def sample_positions(n: int, size: int, seed: int = TRAIN_SEED) -> np.ndarray:
 # -- the FAISS side --------------------------------------------------------------------------
 
 
+_TRANSFORMS = ("PCA", "OPQ", "ITQ", "RR", "L2NORM")
+
+
 def new_ann(dim: int, factory: str) -> faiss.Index:
     """An inner-product index for the factory that stores our int64 ids.
 
     IVF indexes keep ids in their lists; anything else gets an IndexIDMap (no reverse map: the
     exact vectors answer lookups by id).
     """
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, factory, metric_for(factory))
     if faiss.try_extract_index_ivf(index) is None:
         index = faiss.IndexIDMap(index)
     return index
+
+
+def metric_for(factory: str) -> int:
+    """The FAISS metric an approximate index of this factory is built with.
+
+    Inner product, except behind a transform ("PCA128,..."): FAISS's PCA subtracts the mean, and
+    inner products of centred vectors rank differently, while Euclidean distances do not change.
+    Stored vectors are unit length, so Euclidean order is inner-product order; candidates are
+    re-ranked exactly either way.
+    """
+    first = factory.split(",", 1)[0].strip().upper()
+    return faiss.METRIC_L2 if first.startswith(_TRANSFORMS) else faiss.METRIC_INNER_PRODUCT
 
 
 def set_search_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
@@ -239,6 +328,16 @@ def search_params(index: faiss.Index) -> dict[str, int]:
     if hasattr(inner, "hnsw"):
         out["efSearch"] = int(inner.hnsw.efSearch)
     return out
+
+
+def squared_distance_error(dim: int) -> float:
+    """Relative error bound of a float32 squared distance summed over dim squared differences.
+
+    Each difference is rounded once (relative u = 2^-24), its square once, and recursive
+    summation of d positive terms adds at most (d - 1) u in any order (Higham, ch. 4): within
+    gamma_(d+2) = (d + 2) u / (1 - (d + 2) u); one percent more covers the denominator.
+    """
+    return 1.01 * (dim + 2) * 2.0**-24
 
 
 # -- exact vectors ---------------------------------------------------------------------------
@@ -267,6 +366,7 @@ class ExactVectors:
         self._sorted_ids = np.empty(0, np.int64)  # ids of live added rows, ascending
         self._sorted_slots = np.empty(0, np.int64)  # their rows in _rows
         self._rows_read = 0  # memory-mapped rows read since the mappings were last dropped
+        self._table: np.ndarray | None = None  # see _base_table
 
     def __len__(self) -> int:
         return len(self._base_ids) - self._base_removed + len(self._sorted_ids)
@@ -288,9 +388,17 @@ class ExactVectors:
         where = np.full(len(ids), -1, dtype=np.int8)
         index = np.zeros(len(ids), dtype=np.int64)
         if len(self._base_ids):
-            at = np.searchsorted(self._base_ids, ids)
-            at_c = np.minimum(at, len(self._base_ids) - 1)
-            hit = (self._base_ids[at_c] == ids) & self._base_alive[at_c]
+            table = self._base_table()
+            if table is None:
+                at_c = np.minimum(np.searchsorted(self._base_ids, ids), len(self._base_ids) - 1)
+                hit = self._base_ids[at_c] == ids
+            else:
+                offset = ids - self._base_ids[0]
+                inside = (offset >= 0) & (offset < len(table))
+                at = table[np.where(inside, offset, 0)]
+                hit = inside & (at >= 0)
+                at_c = np.where(hit, at, 0)
+            hit &= self._base_alive[at_c]
             where[hit], index[hit] = 0, at_c[hit]
         if len(self._sorted_ids):
             at = np.searchsorted(self._sorted_ids, ids)
@@ -298,6 +406,56 @@ class ExactVectors:
             hit = self._sorted_ids[at_c] == ids
             where[hit], index[hit] = 1, self._sorted_slots[at_c[hit]]
         return where, index
+
+    def _base_table(self) -> np.ndarray | None:
+        """Base row by (id - first id), -1 for gaps, when the ids are dense enough for it.
+
+        Re-ranking looks up every candidate; a table answers with one read where a binary
+        search over a million ids takes twenty (4x faster on the benchmark's re-ranking). Ids
+        are SQLite row ids, dense unless many images were removed; sparse ids keep the search.
+        """
+        if self._table is None:
+            span = int(self._base_ids[-1] - self._base_ids[0]) + 1
+            if span > TABLE_SPAN_FACTOR * len(self._base_ids) + TABLE_MIN_SPAN:
+                self._table = np.empty(0, np.int32)  # too sparse: remembered as empty
+            else:
+                table = np.full(span, -1, dtype=np.int32)
+                table[self._base_ids - self._base_ids[0]] = np.arange(
+                    len(self._base_ids), dtype=np.int32
+                )
+                self._table = table
+        return self._table if len(self._table) else None
+
+    def squared_distances(
+        self, queries: np.ndarray, where: np.ndarray, index: np.ndarray
+    ) -> np.ndarray:
+        """Float32 squared distances from each query to its row of `locate`'s answer.
+
+        where and index are (b, width); absent rows (where -1) give inf. FAISS reads each row
+        in place (the memory-mapped file, no gathered copy) on all its threads, and sums the
+        squared differences, so the result is within (dim + 2) 2^-24 of the exact value,
+        relative (see `squared_distance_error`).
+        """
+        b, width = where.shape
+        xq = np.ascontiguousarray(queries, dtype=np.float32)
+        out = np.full((b, width), np.inf, dtype=np.float32)
+        for source, rows in ((0, self._base), (1, self._rows[: self._row_count])):
+            mine = where == source
+            if not mine.any():
+                continue
+            positions = np.ascontiguousarray(np.where(mine, index, -1), dtype=np.int64)
+            part = np.empty((b, width), dtype=np.float32)
+            faiss.fvec_L2sqr_by_idx(
+                faiss.swig_ptr(part),
+                faiss.swig_ptr(xq),
+                faiss.swig_ptr(np.ascontiguousarray(rows)),
+                faiss.swig_ptr(positions),
+                self.dim,
+                b,
+                width,
+            )
+            np.minimum(out, part, out=out)
+        return out
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """Rows of ids that are present (check with `contains` first), as (n, dim) float32."""
@@ -401,4 +559,7 @@ class ExactVectors:
     def nbytes_in_memory(self) -> int:
         """Bytes held in RAM (a memory-mapped base counts as none)."""
         base = 0 if self.memory_mapped else self._base.nbytes
-        return int(base + self._rows.nbytes + self._base_ids.nbytes + self._sorted_ids.nbytes * 2)
+        table = 0 if self._table is None else self._table.nbytes
+        return int(
+            base + self._rows.nbytes + self._base_ids.nbytes + self._sorted_ids.nbytes * 2 + table
+        )

@@ -281,6 +281,7 @@ class Collection:
             nprobe=choice.nprobe,
             ef_search=choice.ef_search,
             rerank=choice.rerank,
+            target_recall=choice.target_recall,
         )
 
     def _convert(self, index: VectorIndex, choice: ann.IndexChoice) -> VectorIndex:

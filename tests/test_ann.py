@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,16 +50,20 @@ def test_small_stores_get_exact_search() -> None:
         assert not choice.approximate and choice.train_size == 0
 
 
-def test_the_threshold_switches_to_ivf_pq() -> None:
+def test_the_threshold_switches_to_pca_ivf_pq() -> None:
     choice = choose_index(ann.FLAT_MAX_VECTORS, 512, 8 * GIB)
     assert choice.approximate
-    assert choice.factory == f"IVF{ann.nlist_for(ann.FLAT_MAX_VECTORS)},PQ256x4fs"
+    assert choice.factory == f"PCA128,IVF{ann.nlist_for(ann.FLAT_MAX_VECTORS)},PQ128x4fs"
     million = choose_index(1_000_000, 512, 8 * GIB)
-    assert million.factory == "IVF2048,PQ256x4fs"
+    assert million.factory == "PCA128,IVF2048,PQ128x4fs"
     assert million.nprobe == 2048 // ann.NPROBE_DIVISOR
-    assert million.rerank == ann.RERANK
+    assert million.rerank == ann.RERANK and million.target_recall == ann.TARGET_RECALL
     assert ann.MIN_TRAIN_SIZE <= million.train_size <= 1_000_000
-    assert ann.ivf_pq_bytes(1_000_000, 512, 2048, 256) < 1_000_000 * 512 * 4 / 4  # flat float32
+    # 64-byte codes and ids: far under a quarter of the float32 vectors.
+    assert ann.ivf_pq_bytes(1_000_000, 512, 2048, 128) < 1_000_000 * 512 * 4 / 20
+    # Low dimensions are coded whole, one 4-bit code per dimension.
+    assert choose_index(1_000_000, 64, 8 * GIB).factory == "IVF2048,PQ64x4fs"
+    assert choose_index(1_000_000, 128, 8 * GIB).factory == "IVF2048,PQ128x4fs"
 
 
 def test_nlist_is_a_power_of_two_near_four_root_n_and_trainable() -> None:
@@ -85,20 +90,46 @@ def test_a_tight_budget_moves_a_small_store_to_an_approximate_index() -> None:
 def test_pq_codes_fit_the_dimension() -> None:
     for dim in (512, 256, 128, 100, 48, 8, 6):
         m = ann.pq_subquantizers(dim)
-        assert dim % m == 0 and m % 2 == 0 and m <= dim // 2
-    assert ann.pq_subquantizers(512) == 256 and ann.pq_subquantizers(6) == 2
-    # An odd dimension has no even number of sub-vectors: 8-bit scalar codes instead.
+        assert m == min(dim, ann.REDUCED_DIMS) and m % 2 == 0
+    assert ann.reduced_dims(1024) == 128 and ann.reduced_dims(48) == 48
+    # An odd dimension has no 4-bit PQ code here: 8-bit scalar codes instead.
     assert ann.pq_subquantizers(101) == 0
     assert choose_index(10**6, 101, 8 * GIB).factory == "IVF2048,SQ8"
+
+
+def test_a_transform_makes_the_index_euclidean() -> None:
+    import faiss
+
+    assert ann.metric_for("PCA128,IVF2048,PQ128x4fs") == faiss.METRIC_L2
+    assert ann.metric_for("OPQ16_64,IVF256,PQ16") == faiss.METRIC_L2
+    assert ann.metric_for("IVF2048,PQ256x4fs") == faiss.METRIC_INNER_PRODUCT
+    assert ann.metric_for("HNSW32") == faiss.METRIC_INNER_PRODUCT
+
+
+def test_the_calibration_ladder_climbs_from_the_cheapest() -> None:
+    ladder = ann.calibration_ladder(8, None, 3, 2048)
+    # A quarter more lists costs less than twice the re-ranking, which costs less than twice
+    # the lists.
+    assert ladder[:4] == [(8, None, 3), (10, None, 3), (8, None, 6), (12, None, 3)]
+    assert ladder.index((8, None, 6)) < ladder.index((16, None, 3))
+    assert {rerank for _, _, rerank in ladder} == {3, 6, 12}
+    probes = [probe for probe, _, rerank in ladder if rerank == 3]
+    assert probes == sorted(probes) and max(probes) <= 8 * ann.MAX_EFFORT
+    assert len(set(ladder)) == len(ladder)
+    # It stops at every list, and HNSW widens its beam instead.
+    assert ann.calibration_ladder(4, None, 3, 6)[-1] == (6, None, 12)
+    beams = ann.calibration_ladder(None, 64, 2, None)
+    assert beams[0] == (None, 64, 2) and beams[-1][1] <= 64 * ann.MAX_EFFORT
+    assert all(probe is None for probe, _, _ in beams)
 
 
 def test_a_factory_string_overrides_the_choice() -> None:
     assert ann.choice_for_factory(" flat ", 10**6).factory == ann.FLAT
     ivf = ann.choice_for_factory("IVF1024,SQ8", 10**6)
-    assert ivf.factory == "IVF1024,SQ8" and ivf.nprobe == ann.nprobe_for(1024) == 12
-    assert ivf.rerank == ann.RERANK
+    assert ivf.factory == "IVF1024,SQ8" and ivf.nprobe == ann.nprobe_for(1024) == 8
+    assert ivf.rerank == ann.RERANK and ivf.target_recall == ann.TARGET_RECALL
     assert ann.nprobe_for(4) == 4 and ann.nprobe_for(128) == ann.MIN_NPROBE
-    assert ann.nprobe_for(4096) == 32
+    assert ann.nprobe_for(4096) == 16
     assert ivf.train_size == max(ann.MIN_TRAIN_SIZE, ann.TRAIN_PER_LIST * 1024)
     hnsw = ann.choice_for_factory("HNSW32", 500)
     assert hnsw.ef_search == ann.HNSW_EF_SEARCH and hnsw.nprobe is None
@@ -179,16 +210,21 @@ def test_approximate_index_recall_at_10_against_exact(factory: str) -> None:
     np.testing.assert_array_equal(index.reconstruct(ids[:50]), xb[:50])
 
 
-def test_automatic_choice_at_a_small_forced_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_automatic_choice_at_a_small_forced_threshold(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The automatic kind end to end, scaled down: PCA, inverted file, 4-bit codes, L2,
+    calibrated, saved and served memory-mapped, changed."""
     monkeypatch.setattr(ann, "FLAT_MAX_VECTORS", 2_000)
     monkeypatch.setattr(ann, "MIN_NLIST", 16)
+    monkeypatch.setattr(ann, "REDUCED_DIMS", 32)
     rng = np.random.default_rng(3)
     n, dim, k = 8_000, 64, 10
     xb = clustered(rng, n + 300, dim, clusters=80)
     xb, xq = xb[:n], xb[n:]
     ids = np.arange(n, dtype=np.int64) * 7
     choice = choose_index(n, dim, 8 * GIB)
-    assert choice.factory == f"IVF{ann.nlist_for(n)},PQ32x4fs" and choice.train_size == n
+    assert choice.factory == f"PCA32,IVF{ann.nlist_for(n)},PQ32x4fs" and choice.train_size == n
     index = VectorIndex.build(
         dim,
         ids,
@@ -197,6 +233,109 @@ def test_automatic_choice_at_a_small_forced_threshold(monkeypatch: pytest.Monkey
         train_size=choice.train_size,
         nprobe=choice.nprobe,
         rerank=choice.rerank,
+        target_recall=choice.target_recall,
     )
-    _, found = index.search(xq, k)
+    assert "(L2; nprobe" in index.description() and "stored vectors" in index.description()
+    dist, found = index.search(xq, k)
     assert recall(found, exact_ids(xb, ids, xq, k)) >= 0.95
+    rows = dict(zip(ids.tolist(), xb, strict=True))
+    want = [
+        [np.linalg.norm(q.astype(np.float64) - rows[int(i)]) for i in r]
+        for q, r in zip(xq, found, strict=True)
+    ]
+    np.testing.assert_allclose(dist, want, atol=1e-6, rtol=0)
+    path = tmp_path / "auto.faiss"
+    index.save(path)
+    served = VectorIndex.load(path, mmap=True)
+    assert served.description() == index.description()
+    assert served.search_settings() == index.search_settings()
+    np.testing.assert_array_equal(served.search(xq, k)[1], found)
+    gone = found[:, 0]
+    index.remove(gone)
+    assert not np.isin(index.search(xq, k)[1], gone).any()
+
+
+# -- re-ranking and calibration --------------------------------------------------------------
+
+
+def test_locate_answers_alike_with_the_dense_table_and_the_binary_search(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(11)
+    base_ids = np.sort(rng.choice(3_000, 1_000, replace=False)).astype(np.int64) + 100
+    base = rng.standard_normal((1_000, 4)).astype(np.float32)
+    asked = np.concatenate([base_ids[::3], [0, 99, 3_200, 10**12, -5], base_ids[1::7] + 1])
+    answers = []
+    for factor in (ann.TABLE_SPAN_FACTOR, 0):  # 0: every base is too sparse for a table
+        monkeypatch.setattr(ann, "TABLE_SPAN_FACTOR", factor)
+        monkeypatch.setattr(ann, "TABLE_MIN_SPAN", 0)
+        store = ExactVectors(4, base_ids, base)
+        store.remove(base_ids[:10])
+        store.add(np.array([7_000, 1]), np.ones((2, 4), np.float32))
+        answers.append(store.locate(np.concatenate([asked, [7_000, 1]])))
+        assert (store._base_table() is None) == (factor == 0)
+    np.testing.assert_array_equal(answers[0][0], answers[1][0])
+    np.testing.assert_array_equal(answers[0][1], answers[1][1])
+    where, index = answers[0]
+    hits = where == 0
+    np.testing.assert_array_equal(base_ids[index[hits]], np.concatenate([asked, [7_000, 1]])[hits])
+    assert where[-2:].tolist() == [1, 1] and not hits[0]  # base_ids[0] was removed
+
+
+def test_squared_distances_are_within_their_bound_and_inf_when_absent() -> None:
+    rng = np.random.default_rng(12)
+    dim = 96
+    base = (rng.standard_normal((500, dim)) * rng.uniform(0.01, 10, (500, 1))).astype(np.float32)
+    store = ExactVectors(dim, np.arange(500, dtype=np.int64), base)
+    store.add(np.array([900]), base[:1] * 3)
+    xq = (rng.standard_normal((40, dim))).astype(np.float32)
+    xq[0] = base[7]  # distance 0 exactly
+    cand = rng.integers(0, 500, (40, 25))
+    cand[:, -1] = 900
+    cand[:, -2] = 10_000  # absent
+    cand[0, 0] = 7
+    where, at = store.locate(cand.ravel())
+    d2 = store.squared_distances(xq, where.reshape(cand.shape), at.reshape(cand.shape))
+    rows = np.where(cand == 900, 0, np.minimum(cand, 499))
+    exact = ((xq[:, None, :].astype(np.float64) - base[rows].astype(np.float64)) ** 2).sum(-1)
+    exact[:, -1] = ((xq.astype(np.float64) - 3.0 * base[0].astype(np.float64)) ** 2).sum(-1)
+    live = cand != 10_000
+    assert np.isinf(d2[~live]).all() and d2[0, 0] == 0
+    error = np.abs(d2[live] - exact[live])
+    assert (error <= ann.squared_distance_error(dim) * exact[live] + 1e-30).all()
+
+
+def test_approximate_ties_are_ordered_by_id_with_exact_distances() -> None:
+    rng = np.random.default_rng(13)
+    dim = 32
+    xb = clustered(rng, 3_000, dim, clusters=30)
+    xb[100:106] = xb[50]  # the same vector under seven ids
+    ids = rng.permutation(10**6)[:3_000].astype(np.int64)
+    index = VectorIndex.build(dim, ids, xb, "IVF16,PQ32x4fs", nprobe=16, target_recall=None)
+    dist, found = index.search(xb[50:51], 9)
+    twins = np.sort(ids[[50, 100, 101, 102, 103, 104, 105]])
+    assert found[0, :7].tolist() == twins.tolist()
+    assert dist[0, :7].tolist() == [0.0] * 7 and dist[0, 7] > 0
+
+
+def test_calibration_searches_more_until_the_target(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(14)
+    n, dim, k = 6_000, 32, 10
+    xb = clustered(rng, n + 200, dim, clusters=60)
+    xb, xq = xb[:n], xb[n:]
+    ids = np.arange(n, dtype=np.int64)
+    as_given = VectorIndex.build(dim, ids, xb, "IVF64,PQ32x4fs", nprobe=1, target_recall=None)
+    assert as_given.search_settings()["nprobe"] == 1 and "recall" not in as_given.description()
+    low = recall(as_given.search(xq, k)[1], exact_ids(xb, ids, xq, k))
+    calibrated = VectorIndex.build(dim, ids, xb, "IVF64,PQ32x4fs", nprobe=1, target_recall=0.97)
+    settings = calibrated.search_settings()
+    assert settings["nprobe"] > 1
+    assert "recall@10 0.9" in calibrated.description()
+    high = recall(calibrated.search(xq, k)[1], exact_ids(xb, ids, xq, k))
+    assert low < 0.95 <= high
+    # A target no setting reaches: the most thorough rung is kept, and the log says so.
+    with caplog.at_level("WARNING", logger="simsearch.index"):
+        stubborn = VectorIndex.build(dim, ids, xb, "IVF64,PQ32x4fs", nprobe=1, target_recall=1.01)
+    last = ann.calibration_ladder(1, None, ann.RERANK, 64)[-1]
+    assert stubborn.search_settings() == {"nlist": 64, "nprobe": last[0], "rerank": last[2]}
+    assert "index-factory Flat" in caplog.text

@@ -173,7 +173,7 @@ def test_crossing_the_threshold_switches_to_an_approximate_index(store_dir, smal
         c.apply(Changes(records=[record(i) for i in range(60, 300)]))
         assert not c.index().approximate  # the switch happens when the index is saved
         c.save_index()
-        assert c.index().factory == "IVF4,PQ4x4fs" and c.index().built_for == 300
+        assert c.index().factory == "IVF4,PQ8x4fs" and c.index().built_for == 300
         ((generation, path),) = c.index_files()
         assert generation == c.generation()
     with Collection.open(store_dir, write=False) as c:
@@ -222,7 +222,7 @@ def test_index_factory_setting_overrides_the_automatic_choice(store_dir, small_t
     with Collection.open(store_dir, write=True, index_factory="auto") as c:
         assert c.index_factory() is None
         c.save_index()
-        assert c.index().factory == "IVF4,PQ4x4fs"
+        assert c.index().factory == "IVF4,PQ8x4fs"
     with pytest.raises(InputError, match="invalid FAISS factory string 'Bogus'"):
         Collection.open(store_dir, write=True, index_factory="Bogus")
     # An inverted file too large for the store waits for enough vectors, with exact search.

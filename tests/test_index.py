@@ -245,7 +245,7 @@ def test_description_and_dim() -> None:
     assert VectorIndex(DIM).description() == "IDMap2,Flat (inner product)"
     assert VectorIndex(DIM, " flat ").factory == "Flat"
     hnsw = VectorIndex(DIM, "HNSW32")
-    assert hnsw.description() == "HNSW32 (inner product; efSearch 64, re-ranks 10 x k exactly)"
+    assert hnsw.description() == "HNSW32 (inner product; efSearch 64, re-ranks 3 x k exactly)"
     assert hnsw.approximate and not VectorIndex(DIM).approximate
     ivf = VectorIndex(DIM, "IVF64,PQ8x4fs", nprobe=5, rerank=7)
     assert ivf.description() == "IVF64,PQ8x4fs (inner product; nprobe 5, re-ranks 7 x k exactly)"

@@ -583,7 +583,6 @@ class VectorIndex:
             D_out[start:stop], I_out[start:stop] = self._rerank_candidates(
                 xq[start:stop], cand[start:stop], k
             )
-        self._vectors.release(cand.size)
         return D_out, I_out
 
     def _rerank_candidates(

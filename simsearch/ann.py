@@ -59,7 +59,7 @@ REDUCED_DIMS = 128
 # result (k * RERANK); `calibration_ladder` raises both until recall@10 on a sample of the
 # stored vectors reaches TARGET_RECALL. bin/bench-search (1,000,000 x 512,
 # PCA128,IVF2048,PQ128x4fs, 30 candidates): recall@10 0.945 / 0.957 / 0.969 at nprobe 10 / 12 /
-# 16; 60 candidates add 0.004; calibration there picks nprobe 12 and 60 candidates.
+# 16; 60 candidates add 0.004.
 NPROBE_DIVISOR = 256
 MIN_NPROBE = 8
 RERANK = 3
@@ -71,7 +71,7 @@ CALIBRATION_K = 10
 NPROBE_STEP = 1.25  # each rung of the ladder searches a quarter more lists
 MAX_EFFORT = 16  # ... up to 16 times the starting nprobe / efSearch
 RERANK_MULTIPLES = (1, 2, 4)  # ... and re-ranks 1, 2 or 4 times RERANK x k candidates
-RERANK_COST = 0.35  # estimated cost of one more multiple of re-ranking, in nprobe doublings
+RERANK_COST = 0.75  # cost of one more multiple of re-ranking, in multiples of the start nprobe
 HNSW_EF_SEARCH = 64
 # Training sample: enough for the coarse k-means (FAISS asks 39 per list) and the PQ codebooks.
 TRAIN_PER_LIST = 64
@@ -206,8 +206,9 @@ def calibration_ladder(
     Lists searched (or the HNSW beam) grow NPROBE_STEP at a time up to MAX_EFFORT times the
     start (and every list); candidates re-ranked are 1, 2 or 4 times the given factor. Cost is
     estimated as the effort plus RERANK_COST per extra multiple of re-ranking (measured on
-    bin/bench-search: 30 more candidates cost about a third of doubling nprobe), so data whose
-    reduced codes rank poorly gets more exact re-scoring before many more lists.
+    bin/bench-search at a million vectors: 30 more candidates per query cost 7-8 ms per 1000
+    queries, 4 more lists 5 ms), so data whose reduced codes rank poorly gets more exact
+    re-scoring, and other data more lists.
     """
     efforts = [1.0]
     while efforts[-1] * NPROBE_STEP <= MAX_EFFORT:

@@ -110,8 +110,8 @@ def test_the_calibration_ladder_climbs_from_the_cheapest() -> None:
     ladder = ann.calibration_ladder(8, None, 3, 2048)
     # A quarter more lists costs less than twice the re-ranking, which costs less than twice
     # the lists.
-    assert ladder[:4] == [(8, None, 3), (10, None, 3), (8, None, 6), (12, None, 3)]
-    assert ladder.index((8, None, 6)) < ladder.index((16, None, 3))
+    assert ladder[:4] == [(8, None, 3), (10, None, 3), (12, None, 3), (8, None, 6)]
+    assert ladder.index((8, None, 6)) < ladder.index((16, None, 3)) < ladder.index((10, None, 6))
     assert {rerank for _, _, rerank in ladder} == {3, 6, 12}
     probes = [probe for probe, _, rerank in ladder if rerank == 3]
     assert probes == sorted(probes) and max(probes) <= 8 * ann.MAX_EFFORT

@@ -158,7 +158,8 @@ class VectorIndex:
         self, ids: np.ndarray, vectors: np.ndarray, target: float, *, seed: int = ann.TRAIN_SEED
     ) -> float | None:
         """Set the cheapest search effort of `ann.calibration_ladder` whose recall@10 reaches
-        target on a seeded sample of these (stored) vectors used as queries; returns it.
+        target on a seeded sample of these (stored) vectors used as queries; returns the recall
+        measured there (None: nothing to calibrate).
 
         The exact neighbours come from FAISS's brute force over ``vectors`` (a few seconds per
         million); each query's own id is left out on both sides. When no rung reaches the

@@ -18,9 +18,10 @@ inverted file; it remains available as an override ("HNSW32").
 Approximate codes lose precision, so every approximate index keeps the exact float32 vectors
 beside it (`ExactVectors`): candidates are re-scored from them, distances are exact, and
 `reconstruct` returns the stored vectors unchanged. They are written into the same index file and
-memory-mapped when it is loaded: the process holds only the codes (about 70 MiB per million
-512-d vectors), and the rows re-ranked are read through the operating system's page cache, which
-keeps the file's pages while memory allows and drops them (clean, reclaimable) when it does not.
+memory-mapped when it is loaded: the process holds only the codes, ids and an id table (about
+85 MiB per million 512-d vectors), and the rows re-ranked are read through the operating
+system's page cache, which keeps the file's pages while memory allows and drops them (clean,
+reclaimable) when it does not.
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ _TRANSFORMS = ("PCA", "OPQ", "ITQ", "RR", "L2NORM")
 
 
 def new_ann(dim: int, factory: str) -> faiss.Index:
-    """An inner-product index for the factory that stores our int64 ids.
+    """An index for the factory (metric: `metric_for`) that stores our int64 ids.
 
     IVF indexes keep ids in their lists; anything else gets an IndexIDMap (no reverse map: the
     exact vectors answer lookups by id).

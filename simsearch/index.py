@@ -83,6 +83,9 @@ _STALE_MIN = 1_000
 # distance (2^-22, with room); they are re-scored in float64 so that ties are ordered by id.
 _TIE_RELATIVE = 2.0**-20
 _U32 = 2.0**-24
+# Metrics an approximate index file may use: candidates are re-ranked exactly, so either serves
+# (files made before `ann.metric_for` chose L2 for PCA factories used inner product).
+_ANN_METRICS = (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2)
 
 
 class VectorIndex:
@@ -726,7 +729,7 @@ class VectorIndex:
             index = faiss.read_index(str(path), flags)
         except (RuntimeError, MemoryError) as exc:
             raise unusable(_faiss_reason(exc)) from exc
-        if index.d != dim or index.metric_type != ann.metric_for(factory):
+        if index.d != dim or index.metric_type not in _ANN_METRICS:
             raise unusable("its FAISS index does not match its header")
         layout = {"ids_offset": ids_offset, "vectors_offset": vectors_offset}
         vectors = _map_vectors(path, n, dim, layout)

@@ -339,3 +339,21 @@ def test_calibration_searches_more_until_the_target(caplog: pytest.LogCaptureFix
     last = ann.calibration_ladder(1, None, ann.RERANK, 64)[-1]
     assert stubborn.search_settings() == {"nlist": 64, "nprobe": last[0], "rerank": last[2]}
     assert "index-factory Flat" in caplog.text
+
+
+def test_an_index_file_made_with_either_metric_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import faiss
+
+    rng = np.random.default_rng(15)
+    xb = clustered(rng, 3_000, 32, clusters=30)
+    ids = np.arange(3_000, dtype=np.int64)
+    # As before metric_for existed: a PCA factory built with inner products.
+    monkeypatch.setattr(ann, "metric_for", lambda factory: faiss.METRIC_INNER_PRODUCT)
+    legacy = VectorIndex.build(32, ids, xb, "PCA16,IVF16,PQ16x4fs", target_recall=None)
+    legacy.save(tmp_path / "legacy.faiss")
+    monkeypatch.undo()
+    loaded = VectorIndex.load(tmp_path / "legacy.faiss", mmap=True)
+    assert "(inner product;" in loaded.description()
+    np.testing.assert_array_equal(loaded.search(xb[:20], 5)[1], legacy.search(xb[:20], 5)[1])

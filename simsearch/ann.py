@@ -6,10 +6,11 @@ inverted file over the first 128 principal directions with a 4-bit code per dire
 ("PCA128,IVF{nlist},PQ128x4fs", scanned with SIMD) that proposes a few candidates per result,
 re-ranked exactly. A FAISS factory string overrides the choice.
 
-How many lists to search and candidates to re-rank depends on the data, so a built index is
-calibrated (`calibration_ladder`, done by `VectorIndex.build`): from a cheap start, each rung
-searches more, until recall@10 against exact search, measured on a seeded sample of the stored
-vectors, reaches the target.
+Which lists to search and how many candidates to re-rank depends on the data, so a built index
+is calibrated (`calibration_ladder`, done by `VectorIndex.build`): each setting, a fixed number
+of lists or those within a ratio of the query's nearest centroid (`Pruning`), is priced by the
+codes its lists hold for a seeded sample of the stored vectors (`ProbeCost`), and the cheapest
+whose recall@10 against exact search on that sample reaches the target is kept.
 
 HNSW is not chosen automatically: its graph costs about as much memory as the vectors and takes
 tens of minutes to build for a million vectors on a few cores, against a minute or two for the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,15 +66,32 @@ REDUCED_DIMS = 128
 NPROBE_DIVISOR = 256
 MIN_NPROBE = 8
 RERANK = 3
+# Candidates re-ranked are at least this many more than k, so that ties at the k-th can be settled.
+MIN_EXTRA_CANDIDATES = 16
 # Recall@10 the calibration asks of its sample; 0.95 is promised, the rest covers the sample's
-# error (about 0.003 with 1000 queries).
-TARGET_RECALL = 0.955
+# error (about 0.003 with 1000 queries) and queries that are not stored vectors: on
+# bin/bench-search's held-out queries pruned settings find up to 0.005 less than on the sample.
+TARGET_RECALL = 0.96
 CALIBRATION_QUERIES = 1000
 CALIBRATION_K = 10
 NPROBE_STEP = 1.25  # each rung of the ladder searches a quarter more lists
 MAX_EFFORT = 16  # ... up to 16 times the starting nprobe / efSearch
-RERANK_MULTIPLES = (1, 2, 4)  # ... and re-ranks 1, 2 or 4 times RERANK x k candidates
+# ... and re-ranks rerank - 1, rerank + 1, 2 or 4 times rerank x k candidates (`rerank_choices`)
+RERANK_MULTIPLES = (2, 4)
 RERANK_COST = 0.75  # cost of one more multiple of re-ranking, in multiples of the start nprobe
+# Pruned probing (IVF, Euclidean): a query searches the lists whose centroid's squared distance
+# is within `ratio` times its nearest centroid's, at least half the starting nprobe and at most
+# PRUNE_CAP times it. Queries near one centroid search few lists, queries between several more.
+# bin/bench-search (PCA128,IVF2048,PQ128x4fs, 30 candidates): recall@10 0.970 from 12.3 lists
+# (ratio 1.5, at least 4) and 18.2 ms of scan per 1000 queries, against 0.968 from 16 lists
+# and 22.1 ms with a fixed nprobe.
+PRUNE_RATIOS = (1.2, 1.25, 1.3, 1.35, 1.4, 1.45, 1.5, 1.6, 1.7, 1.8, 2.0, 2.5, 3.0)
+PRUNE_CAP = 4
+# Where the data tells what a rung costs (IVF: the codes its lists hold for the sample's
+# queries), seconds per byte scanned and per byte re-ranked; measured on bin/bench-search
+# (1,000,000 x 512, 2 cores): 1.46 ns per 64-byte code scanned, 0.2 us per 2 KiB row re-ranked.
+SCAN_SECONDS_PER_BYTE = 0.023e-9
+RERANK_SECONDS_PER_BYTE = 0.1e-9
 HNSW_EF_SEARCH = 64
 # Training sample: enough for the coarse k-means (FAISS asks 39 per list) and the PQ codebooks.
 TRAIN_PER_LIST = 64
@@ -84,6 +103,39 @@ BUDGET_ENV = "SIMSEARCH_INDEX_MEMORY"  # bytes, or with a K/M/G suffix
 # Dense id -> row table for the base when its ids span at most this many times their count.
 TABLE_SPAN_FACTOR = 4
 TABLE_MIN_SPAN = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class Pruning:
+    """Lists an IVF query searches: those whose centroid's squared distance is within ratio
+    times the nearest centroid's, at least min_lists of them and at most nprobe."""
+
+    ratio: float
+    min_lists: int
+
+    def covers(self, other: Pruning | None) -> bool:
+        """Whether these lists include other's for every query (same nprobe or more)."""
+        return other is not None and self.ratio >= other.ratio and self.min_lists >= other.min_lists
+
+
+@dataclass(frozen=True, slots=True)
+class Rung:
+    """One search setting the calibration may try."""
+
+    nprobe: int | None  # lists searched per query (IVF), the most with pruning
+    ef_search: int | None  # beam width (HNSW)
+    rerank: int  # candidates re-ranked exactly per result asked for
+    pruning: Pruning | None = None
+
+    def covers(self, other: Rung) -> bool:
+        """Whether this rung searches at least what other does: its recall is as high or more."""
+        lists = self.pruning is None or self.pruning.covers(other.pruning)
+        return (
+            lists
+            and self.rerank >= other.rerank
+            and (self.nprobe or 0) >= (other.nprobe or 0)
+            and (self.ef_search or 0) >= (other.ef_search or 0)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,32 +251,69 @@ def choice_for_factory(factory: str, n_vectors: int) -> IndexChoice:
     )
 
 
+def candidates(k: int, rerank: int, n_vectors: int) -> int:
+    """Candidates an approximate search of k re-ranks: k x rerank, at least k + 16, at most all."""
+    return min(n_vectors, max(k * rerank, k + MIN_EXTRA_CANDIDATES))
+
+
+def rerank_choices(rerank: int) -> list[int]:
+    """Candidates per result the calibration tries: one fewer, as given, one more, 2x, 4x."""
+    return sorted({max(1, rerank - 1), rerank, rerank + 1, *(rerank * m for m in RERANK_MULTIPLES)})
+
+
 def calibration_ladder(
-    nprobe: int | None, ef_search: int | None, rerank: int, nlist: int | None
-) -> list[tuple[int | None, int | None, int]]:
-    """Search settings (nprobe, efSearch, rerank) from the given ones upwards, cheapest first.
+    nprobe: int | None,
+    ef_search: int | None,
+    rerank: int,
+    nlist: int | None,
+    *,
+    prune: bool = False,
+    cost: Callable[[Rung], float] | None = None,
+) -> list[Rung]:
+    """Search settings from the given ones upwards, cheapest first.
 
     Lists searched (or the HNSW beam) grow NPROBE_STEP at a time up to MAX_EFFORT times the
-    start (and every list); candidates re-ranked are 1, 2 or 4 times the given factor. Cost is
-    estimated as the effort plus RERANK_COST per extra multiple of re-ranking (measured on
-    bin/bench-search at a million vectors: 30 more candidates per query cost 7-8 ms per 1000
-    queries, 4 more lists 5 ms), so data whose reduced codes rank poorly gets more exact
-    re-scoring, and other data more lists.
+    start (and every list); candidates re-ranked are `rerank_choices`. With ``prune`` (an IVF
+    searched by Euclidean distance) there are also pruned rungs: up to PRUNE_CAP times the
+    start nprobe, at least half of it, within each of PRUNE_RATIOS (`Pruning`).
+
+    ``cost`` estimates a rung's time from the data (`VectorIndex.calibrate` counts the codes its
+    lists hold); without it, a rung costs its effort (multiples of the start nprobe / efSearch)
+    plus RERANK_COST per extra multiple of re-ranking (measured on bin/bench-search at a
+    million vectors: 30 more candidates per query cost 7-8 ms per 1000 queries, 4 more lists
+    5 ms), so data whose reduced codes rank poorly gets more exact re-scoring, and other data
+    more lists.
     """
     efforts = [1.0]
     while efforts[-1] * NPROBE_STEP <= MAX_EFFORT:
         efforts.append(efforts[-1] * NPROBE_STEP)
-    rungs: dict[tuple[int | None, int | None, int], float] = {}
+    rungs: set[Rung] = set()
     for effort in efforts:
         probe = None if nprobe is None else max(1, round(nprobe * effort))
         if probe is not None and nlist:
             probe = min(probe, nlist)
         ef = None if ef_search is None else max(1, round(ef_search * effort))
-        for multiple in RERANK_MULTIPLES:
-            cost = effort + RERANK_COST * (multiple - 1)
-            rung = (probe, ef, rerank * multiple)
-            rungs[rung] = min(rungs.get(rung, cost), cost)
-    return sorted(rungs, key=lambda rung: (rungs[rung], rung[2]))
+        rungs.update(Rung(probe, ef, r) for r in rerank_choices(rerank))
+    if prune and nprobe:
+        cap = min(nlist or nprobe * PRUNE_CAP, nprobe * PRUNE_CAP)
+        floor = min(cap, max(1, nprobe // 2))
+        for ratio in PRUNE_RATIOS:
+            pruning = Pruning(ratio, floor)
+            rungs.update(Rung(cap, None, r, pruning) for r in rerank_choices(rerank))
+
+    def effort_cost(rung: Rung) -> float:
+        effort = rung.nprobe / nprobe if nprobe and rung.nprobe else 1.0
+        if ef_search and rung.ef_search:
+            effort = rung.ef_search / ef_search
+        return effort + RERANK_COST * (rung.rerank / rerank - 1)
+
+    estimate = cost or effort_cost
+
+    def key(rung: Rung) -> tuple[float, int, float, int, int]:
+        ratio = rung.pruning.ratio if rung.pruning else math.inf
+        return (estimate(rung), rung.rerank, ratio, rung.nprobe or 0, rung.ef_search or 0)
+
+    return sorted(rungs, key=key)
 
 
 def trainable(factory: str, n_vectors: int) -> bool:
@@ -283,31 +372,20 @@ def sample_positions(n: int, size: int, seed: int = TRAIN_SEED) -> np.ndarray:
 # -- the FAISS side --------------------------------------------------------------------------
 
 
-_TRANSFORMS = ("PCA", "OPQ", "ITQ", "RR", "L2NORM")
+def new_ann(dim: int, factory: str, metric: int = faiss.METRIC_L2) -> faiss.Index:
+    """An index for the factory that stores our int64 ids, searched by Euclidean distance.
 
-
-def new_ann(dim: int, factory: str) -> faiss.Index:
-    """An index for the factory (metric: `metric_for`) that stores our int64 ids.
-
+    Euclidean, the distance candidates are re-ranked by: an inverted file can then prune its
+    lists by it (`Pruning`), and FAISS's PCA centres the vectors, which changes inner-product
+    order but not Euclidean order. (Files made before used inner product for factories without
+    a transform, the same order for unit vectors; they still load and serve, unpruned.)
     IVF indexes keep ids in their lists; anything else gets an IndexIDMap (no reverse map: the
     exact vectors answer lookups by id).
     """
-    index = faiss.index_factory(dim, factory, metric_for(factory))
+    index = faiss.index_factory(dim, factory, metric)
     if faiss.try_extract_index_ivf(index) is None:
         index = faiss.IndexIDMap(index)
     return index
-
-
-def metric_for(factory: str) -> int:
-    """The FAISS metric an approximate index of this factory is built with.
-
-    Inner product, except behind a transform ("PCA128,..."): FAISS's PCA subtracts the mean, and
-    inner products of centred vectors rank differently, while Euclidean distances do not change.
-    Stored vectors are unit length, so Euclidean order is inner-product order; candidates are
-    re-ranked exactly either way.
-    """
-    first = factory.split(",", 1)[0].strip().upper()
-    return faiss.METRIC_L2 if first.startswith(_TRANSFORMS) else faiss.METRIC_INNER_PRODUCT
 
 
 def set_search_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
@@ -330,6 +408,75 @@ def search_params(index: faiss.Index) -> dict[str, int]:
     if hasattr(inner, "hnsw"):
         out["efSearch"] = int(inner.hnsw.efSearch)
     return out
+
+
+def prunable_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The inverted file of an index whose lists can be pruned per query: an IVF searched by
+    Euclidean distance, alone or behind transforms (not inside a refine or other wrapper)."""
+    inner = (
+        faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    )
+    if not isinstance(inner, faiss.IndexIVF) or inner.metric_type != faiss.METRIC_L2:
+        return None
+    return inner
+
+
+def transformed(index: faiss.Index, xq: np.ndarray) -> np.ndarray:
+    """Queries as the index's inverted file sees them (after its PCA or other transforms)."""
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            xq = index.chain.at(i).apply(xq)
+    return np.ascontiguousarray(xq, dtype=np.float32)
+
+
+def prune_lists(distances: np.ndarray, lists: np.ndarray, pruning: Pruning) -> np.ndarray:
+    """The coarse quantizer's lists per query (nearest first) with those pruned set to -1."""
+    nearest = np.maximum(distances[:, :1], 0)
+    cut = distances > pruning.ratio * nearest
+    cut[:, : pruning.min_lists] = False
+    return np.where(cut, -1, lists)
+
+
+def search_candidates(
+    index: faiss.Index, xq: np.ndarray, k: int, pruning: Pruning | None
+) -> np.ndarray:
+    """The index's k candidates per query (-1 padded); with pruning, from the lists it keeps."""
+    ivf = prunable_ivf(index) if pruning is not None else None
+    if ivf is None:
+        return index.search(xq, k)[1]
+    xt = transformed(index, xq)
+    distances, lists = ivf.quantizer.search(xt, ivf.nprobe)
+    return ivf.search_preassigned(xt, k, prune_lists(distances, lists, pruning), distances)[1]
+
+
+class ProbeCost:
+    """What each search setting of an IVF costs on given queries: the codes its lists hold.
+
+    Deterministic (no timing), so the calibration's choice does not depend on the machine's
+    load; converted to seconds with SCAN_SECONDS_PER_BYTE and RERANK_SECONDS_PER_BYTE.
+    """
+
+    def __init__(self, index: faiss.Index, xq: np.ndarray, max_nprobe: int, k: int) -> None:
+        ivf = faiss.extract_index_ivf(index)
+        self._code_size = int(ivf.code_size)
+        self._row_bytes = 4 * int(index.d)
+        self._k = k
+        self._n_vectors = int(index.ntotal)
+        sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.float64)
+        self._sizes = np.append(sizes, 0.0)  # list -1 (pruned, or none left) holds nothing
+        nprobe = min(int(max_nprobe), int(ivf.nlist))
+        self._distances, self._lists = ivf.quantizer.search(transformed(index, xq), nprobe)
+
+    def __call__(self, rung: Rung) -> float:
+        """Seconds per query: scanning the rung's lists and re-ranking its candidates."""
+        lists = self._lists[:, : rung.nprobe or self._lists.shape[1]]
+        if rung.pruning is not None:
+            lists = prune_lists(self._distances[:, : lists.shape[1]], lists, rung.pruning)
+        codes = float(self._sizes[lists].sum(axis=1).mean())
+        scan = codes * self._code_size * SCAN_SECONDS_PER_BYTE
+        fetch = candidates(self._k, rung.rerank, self._n_vectors)
+        rerank = fetch * self._row_bytes * RERANK_SECONDS_PER_BYTE
+        return scan + rerank
 
 
 def squared_distance_error(dim: int) -> float:
@@ -392,14 +539,13 @@ class ExactVectors:
             table = self._base_table()
             if table is None:
                 at_c = np.minimum(np.searchsorted(self._base_ids, ids), len(self._base_ids) - 1)
-                hit = self._base_ids[at_c] == ids
-            else:
+                hit = (self._base_ids[at_c] == ids) & self._base_alive[at_c]
+            else:  # removed rows are -1 there too
                 offset = ids - self._base_ids[0]
                 inside = (offset >= 0) & (offset < len(table))
                 at = table[np.where(inside, offset, 0)]
                 hit = inside & (at >= 0)
                 at_c = np.where(hit, at, 0)
-            hit &= self._base_alive[at_c]
             where[hit], index[hit] = 0, at_c[hit]
         if len(self._sorted_ids):
             at = np.searchsorted(self._sorted_ids, ids)
@@ -409,7 +555,8 @@ class ExactVectors:
         return where, index
 
     def _base_table(self) -> np.ndarray | None:
-        """Base row by (id - first id), -1 for gaps, when the ids are dense enough for it.
+        """Base row by (id - first id), -1 for gaps and removed rows, when the ids are dense
+        enough for it.
 
         Re-ranking looks up every candidate; a table answers with one read where a binary
         search over a million ids takes twenty (4x faster on the benchmark's re-ranking). Ids
@@ -421,8 +568,8 @@ class ExactVectors:
                 self._table = np.empty(0, np.int32)  # too sparse: remembered as empty
             else:
                 table = np.full(span, -1, dtype=np.int32)
-                table[self._base_ids - self._base_ids[0]] = np.arange(
-                    len(self._base_ids), dtype=np.int32
+                table[self._base_ids - self._base_ids[0]] = np.where(
+                    self._base_alive, np.arange(len(self._base_ids), dtype=np.int32), -1
                 )
                 self._table = table
         return self._table if len(self._table) else None
@@ -507,6 +654,8 @@ class ExactVectors:
         base = index[where == 0]
         self._base_alive[base] = False
         self._base_removed += len(base)
+        if self._table is not None and len(self._table):
+            self._table[self._base_ids[base] - self._base_ids[0]] = -1
         added = ids[where == 1]
         if len(added):
             at = np.searchsorted(self._sorted_ids, added)

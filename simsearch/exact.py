@@ -34,12 +34,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from simsearch import _parallel
 from simsearch._blas import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
@@ -73,8 +72,6 @@ _SHORTER = 0.99 / (1 + 2.0**-7)  # scale so that bf16 copies stay shorter than 0
 
 _choice_lock = threading.Lock()
 _choice: list[str | None] = []
-_pool_lock = threading.Lock()
-_pool: list[ThreadPoolExecutor] = []
 
 
 def choose_kernel() -> str | None:
@@ -321,7 +318,7 @@ class ExactSearcher:
             dots = np.einsum("ij,ij->i", np.take(self._x, p, axis=0), q32[r])
             out[start : start + len(r)] = qn2[r] + self._norm2[p] - 2.0 * dots
 
-        _each(part, range(0, len(rows), _REFINE_ROWS))
+        _parallel.each(part, range(0, len(rows), _REFINE_ROWS))
         return out
 
     def _distances2_f64(self, q64: np.ndarray, rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -334,7 +331,7 @@ class ExactSearcher:
             np.subtract(q64[rows[start : start + _REFINE_ROWS]], diff, out=diff)
             out[start : start + len(p)] = np.einsum("ij,ij->i", diff, diff)
 
-        _each(part, range(0, len(rows), _REFINE_ROWS))
+        _parallel.each(part, range(0, len(rows), _REFINE_ROWS))
         return out
 
 
@@ -577,19 +574,6 @@ def make_searcher(vectors: np.ndarray) -> ExactSearcher:
             return ProjectedSearcher(vectors, PROJECTED_DIMS, axes)
         log.debug("%.0f%% of the length outside %d directions: full scan", 100 * left, dim)
     return ExactSearcher(vectors)
-
-
-def _each(fn: Callable[[int], None], starts: range) -> None:
-    """fn(start) for every start, on the CPU's cores (numpy releases the GIL while it gathers)."""
-    if len(starts) < 2:
-        for start in starts:
-            fn(start)
-        return
-    with _pool_lock:
-        if not _pool:
-            _pool.append(ThreadPoolExecutor(max(1, torch.get_num_threads()), "simsearch-exact"))
-    for future in [_pool[0].submit(fn, start) for start in starts]:
-        future.result()
 
 
 def _f32_slack(qn2: np.ndarray, dim: int, norm_max: float) -> np.ndarray:

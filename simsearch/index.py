@@ -45,7 +45,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 from faiss.contrib.factory_tools import reverse_index_factory  # noqa: E402
 
-from simsearch import ann  # noqa: E402
+from simsearch import _parallel, ann  # noqa: E402
 from simsearch.errors import SimsearchError, StoreError  # noqa: E402
 from simsearch.fileio import fsync_directory  # noqa: E402
 
@@ -59,8 +59,8 @@ _ANN_TRAILER = struct.Struct("<8sQQQ")
 _ANN_MAGIC = b"SIMSANN1"
 _ANN_FORMAT = 1
 _ALIGN = 64
-# Extra candidates asked of FAISS's flat search beyond k (more are fetched if the check fails).
-_TIE_MARGIN = 16
+# FAISS flat search fetches k + ann.MIN_EXTRA_CANDIDATES, then this many times more if the
+# check fails.
 _FETCH_GROWTH = 4
 # Floats per block of the exact re-ranking, to bound memory for many queries of high dimension.
 _RERANK_BLOCK_FLOATS = 1 << 22
@@ -84,7 +84,7 @@ _STALE_MIN = 1_000
 _TIE_RELATIVE = 2.0**-20
 _U32 = 2.0**-24
 # Metrics an approximate index file may use: candidates are re-ranked exactly, so either serves
-# (files made before `ann.metric_for` chose L2 for PCA factories used inner product).
+# (files made before every index was Euclidean used inner product; their lists are not pruned).
 _ANN_METRICS = (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2)
 
 
@@ -99,6 +99,7 @@ class VectorIndex:
         nprobe: int | None = None,
         ef_search: int | None = None,
         rerank: int | None = None,
+        pruning: ann.Pruning | None = None,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
@@ -119,6 +120,12 @@ class VectorIndex:
             ann.set_search_params(
                 self._ann, nprobe or defaults.nprobe, ef_search or defaults.ef_search
             )
+            if pruning is not None and ann.prunable_ivf(self._ann) is None:
+                raise ValueError(
+                    f"index '{self._factory}' has no inverted lists searched by Euclidean "
+                    "distance to prune; leave pruning out"
+                )
+            self._pruning = pruning
             self._vectors = ann.ExactVectors(dim)
 
     @classmethod
@@ -134,13 +141,17 @@ class VectorIndex:
         nprobe: int | None = None,
         ef_search: int | None = None,
         rerank: int | None = None,
+        pruning: ann.Pruning | None = None,
         target_recall: float | None = ann.TARGET_RECALL,
     ) -> VectorIndex:
         """Create an index holding ``vectors``; one that needs training is trained on a seeded
-        sample of them (``train_size`` rows, default all). An approximate index then searches
-        more than nprobe / ef_search / rerank ask (`calibrate`) until it finds ``target_recall``
-        of the exact 10 nearest neighbours of a sample of the vectors (None: as given)."""
-        built = cls(dim, factory, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
+        sample of them (``train_size`` rows, default all). An approximate index then takes the
+        cheapest search setting (`calibrate`: nprobe / ef_search / rerank from the given ones
+        upwards, lists pruned or not) that finds ``target_recall`` of the exact 10 nearest
+        neighbours of a sample of the vectors (None: as given)."""
+        built = cls(
+            dim, factory, nprobe=nprobe, ef_search=ef_search, rerank=rerank, pruning=pruning
+        )
         xb_ids, xb = built._check_new(ids, vectors)
         if not built.is_trained:
             if len(xb_ids) == 0:
@@ -160,13 +171,16 @@ class VectorIndex:
     def calibrate(
         self, ids: np.ndarray, vectors: np.ndarray, target: float, *, seed: int = ann.TRAIN_SEED
     ) -> float | None:
-        """Set the cheapest search effort of `ann.calibration_ladder` whose recall@10 reaches
+        """Set the cheapest search setting of `ann.calibration_ladder` whose recall@10 reaches
         target on a seeded sample of these (stored) vectors used as queries; returns the recall
         measured there (None: nothing to calibrate).
 
         The exact neighbours come from FAISS's brute force over ``vectors`` (a few seconds per
-        million); each query's own id is left out on both sides. When no rung reaches the
-        target, the last (most thorough) is kept and a warning says what to do.
+        million); each query's own id is left out on both sides. An inverted file's rungs are
+        priced by the codes their lists hold for these queries (`ann.ProbeCost`), so the
+        choice is deterministic; a rung that searches no more than one that failed is skipped.
+        When no rung reaches the target, the last (most thorough) is kept and a warning says
+        what to do.
         """
         k = ann.CALIBRATION_K
         if self._ann is None or len(ids) <= k + 1:
@@ -177,18 +191,29 @@ class VectorIndex:
         _, truth_rows = faiss.knn(xq, xb, k + 1, metric=faiss.METRIC_L2)
         truth = _without_own(ids[truth_rows], own, k)
         params = ann.search_params(self._ann)
+        nprobe, nlist = params.get("nprobe"), params.get("nlist")
+        cost = None
+        if nprobe:
+            cost = ann.ProbeCost(self._ann, xq, nprobe * max(ann.MAX_EFFORT, ann.PRUNE_CAP), k)
         ladder = ann.calibration_ladder(
-            params.get("nprobe"), params.get("efSearch"), self._rerank_factor, params.get("nlist")
+            nprobe,
+            params.get("efSearch"),
+            self._rerank_factor,
+            nlist,
+            prune=ann.prunable_ivf(self._ann) is not None,
+            cost=cost,
         )
-        recall = 0.0
-        for nprobe, ef_search, rerank in ladder:
-            ann.set_search_params(self._ann, nprobe, ef_search)
-            self._rerank_factor = rerank
+        recall, failed = 0.0, []
+        for rung in ladder:
+            if any(done.covers(rung) for done in failed):
+                continue
+            self._apply(rung)
             found = _without_own(self._search_approximate(xq, k + 1)[1], own, k)
             hits = [len(set(f) & set(t)) for f, t in zip(found, truth, strict=True)]
             recall = float(np.sum(hits)) / truth.size
             if recall >= target:
                 break
+            failed.append(rung)
         else:
             logger.warning(
                 "%s finds %.3f of the 10 nearest neighbours at its most thorough setting "
@@ -200,6 +225,11 @@ class VectorIndex:
         self._calibration = {"queries": len(rows), "recall": round(recall, 4), "target": target}
         logger.info("calibrated %s on %d stored vectors", self.description(), len(rows))
         return recall
+
+    def _apply(self, rung: ann.Rung) -> None:
+        ann.set_search_params(self._ann, rung.nprobe, rung.ef_search)
+        self._rerank_factor = rung.rerank
+        self._pruning = rung.pruning if ann.prunable_ivf(self._ann) is not None else None
 
     def train(self, vectors: np.ndarray) -> None:
         """Train an approximate index (k-means, codebooks) on a sample of the vectors to come."""
@@ -254,6 +284,11 @@ class VectorIndex:
             return "IDMap2,Flat (inner product)"
         params = ann.search_params(self._ann)
         settings = [f"{key} {value}" for key, value in params.items() if key != "nlist"]
+        if self._pruning is not None:
+            settings[0] = (
+                f"nprobe at most {params['nprobe']}: lists within {self._pruning.ratio:g}x the "
+                f"nearest's squared distance, at least {self._pruning.min_lists}"
+            )
         settings.append(f"re-ranks {self._rerank_factor} x k exactly")
         if self._calibration:
             settings.append(
@@ -263,11 +298,16 @@ class VectorIndex:
         metric = "inner product" if self._ann.metric_type == faiss.METRIC_INNER_PRODUCT else "L2"
         return f"{_factory_name(self._ann, self._factory)} ({metric}; {', '.join(settings)})"
 
-    def search_settings(self) -> dict[str, int]:
-        """nprobe / efSearch / rerank in effect (empty for Flat)."""
+    def search_settings(self) -> dict[str, float]:
+        """nprobe / efSearch / rerank in effect, and prune_ratio / min_lists when the lists are
+        pruned (empty for Flat)."""
         if self._flat is not None:
             return {}
-        return {**ann.search_params(self._ann), "rerank": self._rerank_factor}
+        settings: dict[str, float] = {**ann.search_params(self._ann), "rerank": self._rerank_factor}
+        if self._pruning is not None:
+            settings["prune_ratio"] = self._pruning.ratio
+            settings["min_lists"] = self._pruning.min_lists
+        return settings
 
     def memory_bytes(self) -> int:
         """Bytes this index holds in RAM besides memory-mapped files (an estimate)."""
@@ -410,6 +450,7 @@ class VectorIndex:
         self._ann: faiss.Index | None = None
         self._vectors: ann.ExactVectors | None = None
         self._rerank_factor = ann.RERANK
+        self._pruning: ann.Pruning | None = None
         self._built_for = 0
         self._calibration: dict[str, float] = {}
         self._state_lock = threading.Lock()
@@ -553,7 +594,7 @@ class VectorIndex:
         err = 1.01 * self.dim * _U32 * np.sqrt(qn2) * norm_max + 1e-12
         margin = 1e-6 * (np.sqrt(qn2) + norm_max) ** 2
         rows = np.arange(nq)
-        fetch = min(n, k + _TIE_MARGIN)
+        fetch = min(n, k + ann.MIN_EXTRA_CANDIDATES)
         while len(rows):
             scores, cand = self._flat.search(xq[rows], fetch)
             D_blk, I_blk, d2_blk = self._rerank(xq[rows], cand, self._reconstruct_flat)
@@ -573,56 +614,56 @@ class VectorIndex:
     def _search_approximate(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Candidates from the FAISS index, re-ranked exactly from the exact vectors.
 
-        Candidates are scored in float32 where they lie (FAISS, all threads); only those whose
-        float32 distance leaves them in contention for the k nearest (within its error bound)
-        are scored again in float64, which gives the distances returned and their order.
+        Candidates are scored in float32 where they lie (FAISS); only those whose float32
+        distance leaves them in contention for the k nearest (within its error bound) are scored
+        again in float64, which gives the distances returned and their order. Blocks of queries
+        are re-ranked on all cores, one block per core (numpy releases the GIL while it works).
         """
-        fetch = min(int(self._ann.ntotal), max(k * self._rerank_factor, k + _TIE_MARGIN))
-        _, cand = self._ann.search(xq, fetch)
+        fetch = ann.candidates(k, self._rerank_factor, int(self._ann.ntotal))
+        cand = ann.search_candidates(self._ann, xq, fetch, self._pruning)
         D_out = np.full((len(xq), k), np.inf, dtype=np.float32)
         I_out = np.full((len(xq), k), -1, dtype=np.int64)
         block = max(1, _RERANK_CACHE_FLOATS // (fetch * self.dim))
-        for start in range(0, len(xq), block):
+
+        def rerank(start: int) -> None:
             stop = min(len(xq), start + block)
             D_out[start:stop], I_out[start:stop] = self._rerank_candidates(
                 xq[start:stop], cand[start:stop], k
             )
+
+        _parallel.each(rerank, range(0, len(xq), block))
         return D_out, I_out
 
     def _rerank_candidates(
         self, xq: np.ndarray, cand: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         b, width = cand.shape
-        cand = np.sort(cand, axis=1)
+        cand = np.sort(cand, axis=1)  # ascending ids: a stable sort by distance orders ties by id
         # Stale entries (removed, or replaced by a newer vector under the same id) and repeats.
         keep = cand >= 0
         keep[:, 1:] &= cand[:, 1:] != cand[:, :-1]
         where = np.full(cand.shape, -1, dtype=np.int8)
         at = np.zeros(cand.shape, dtype=np.int64)
         where[keep], at[keep] = self._vectors.locate(cand[keep])
-        live = where >= 0
-        d2 = np.where(live, self._vectors.squared_distances(xq, where, at), np.inf)
-        low = d2 * (1 - ann.squared_distance_error(self.dim))
-        upper = d2 * (1 + ann.squared_distance_error(self.dim))
-        kk = min(k, width) - 1
-        kth = np.partition(upper, kk, axis=1)[:, kk]
+        d2 = self._vectors.squared_distances(xq, where, at)  # inf where absent
+        # In contention: a float32 distance whose lower bound is within the k-th's upper bound.
         # Ties: distances equal in float32 are ordered by id; squared distances whose roots
         # round alike differ by under 2^-22 relative, so those go to float64 as well.
-        close = live & (low <= (kth * (1 + _TIE_RELATIVE))[:, None])
+        err = ann.squared_distance_error(self.dim)
+        kk = min(k, width) - 1
+        kth = np.partition(d2, kk, axis=1)[:, kk]
+        close = d2 <= (kth * ((1 + err) * (1 + _TIE_RELATIVE) / (1 - err)))[:, None]
         qi, ci = np.nonzero(close)
-        rows = self._vectors.rows(where[qi, ci], at[qi, ci])
-        diff = np.subtract(xq[qi], rows, dtype=np.float64)  # exact: float32 inputs, cast first
-        dist = np.sqrt(np.einsum("ij,ij->i", diff, diff)).astype(np.float32)
-        ids = cand[qi, ci]
-        order = np.lexsort((ids, dist, qi))
-        qi, dist, ids = qi[order], dist[order], ids[order]
-        counts = np.bincount(qi, minlength=b)
-        rank = np.arange(len(qi)) - np.repeat(np.cumsum(counts) - counts, counts)
-        top = rank < k
-        D = np.full((b, k), np.inf, dtype=np.float32)
-        I = np.full((b, k), -1, dtype=np.int64)  # noqa: E741 - FAISS's name for result ids
-        D[qi[top], rank[top]] = dist[top]
-        I[qi[top], rank[top]] = ids[top]
+        rows = self._vectors.rows(where[qi, ci], at[qi, ci]).astype(np.float64)
+        rows -= xq[qi]  # exact: float32 inputs, subtracted in float64
+        dist = np.full((b, width), np.inf, dtype=np.float32)
+        dist[qi, ci] = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        D = np.take_along_axis(dist, order, axis=1)
+        I = np.where(D < np.inf, np.take_along_axis(cand, order, axis=1), -1)  # noqa: E741
+        if k > width:
+            D = np.pad(D, ((0, 0), (0, k - width)), constant_values=np.inf)
+            I = np.pad(I, ((0, 0), (0, k - width)), constant_values=-1)  # noqa: E741
         return D, I
 
     def _rerank(
@@ -686,6 +727,9 @@ class VectorIndex:
                     "built_for": self._built_for,
                     "calibration": self._calibration,
                     "search": ann.search_params(self._ann),
+                    "pruning": None
+                    if self._pruning is None
+                    else {"ratio": self._pruning.ratio, "min_lists": self._pruning.min_lists},
                 }
             ).encode()
             f.write(meta)
@@ -743,6 +787,12 @@ class VectorIndex:
         self._calibration = dict(meta.get("calibration") or {})
         search = meta.get("search") or {}
         ann.set_search_params(index, search.get("nprobe"), search.get("efSearch"))
+        pruning = meta.get("pruning")
+        if pruning and ann.prunable_ivf(index) is not None:
+            try:
+                self._pruning = ann.Pruning(float(pruning["ratio"]), int(pruning["min_lists"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise unusable(f"incomplete header ({exc})") from exc
 
 
 def _without_own(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:

@@ -97,30 +97,105 @@ def test_pq_codes_fit_the_dimension() -> None:
     assert choose_index(10**6, 101, 8 * GIB).factory == "IVF2048,SQ8"
 
 
-def test_a_transform_makes_the_index_euclidean() -> None:
+def test_new_indexes_are_euclidean_so_their_lists_can_be_pruned() -> None:
     import faiss
 
-    assert ann.metric_for("PCA128,IVF2048,PQ128x4fs") == faiss.METRIC_L2
-    assert ann.metric_for("OPQ16_64,IVF256,PQ16") == faiss.METRIC_L2
-    assert ann.metric_for("IVF2048,PQ256x4fs") == faiss.METRIC_INNER_PRODUCT
-    assert ann.metric_for("HNSW32") == faiss.METRIC_INNER_PRODUCT
+    for factory in ("PCA16,IVF16,PQ16x4fs", "IVF16,PQ32x4fs", "IVF16,Flat"):
+        index = ann.new_ann(32, factory)
+        assert index.metric_type == faiss.METRIC_L2
+        assert ann.prunable_ivf(index) is not None
+    assert ann.prunable_ivf(ann.new_ann(32, "HNSW8")) is None
+    assert ann.prunable_ivf(ann.new_ann(32, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)) is None
+    # Inside a refine, the pruned lists would bypass it.
+    assert ann.prunable_ivf(ann.new_ann(32, "IVF16,PQ8,Refine(Flat)")) is None
 
 
 def test_the_calibration_ladder_climbs_from_the_cheapest() -> None:
+    Rung = ann.Rung
     ladder = ann.calibration_ladder(8, None, 3, 2048)
     # A quarter more lists costs less than twice the re-ranking, which costs less than twice
-    # the lists.
-    assert ladder[:4] == [(8, None, 3), (10, None, 3), (12, None, 3), (8, None, 6)]
-    assert ladder.index((8, None, 6)) < ladder.index((16, None, 3)) < ladder.index((10, None, 6))
-    assert {rerank for _, _, rerank in ladder} == {3, 6, 12}
-    probes = [probe for probe, _, rerank in ladder if rerank == 3]
+    # the lists; one fewer candidate per result is cheaper still.
+    assert ladder[:4] == [Rung(8, None, 2), Rung(10, None, 2), Rung(8, None, 3), Rung(12, None, 2)]
+    assert ladder.index(Rung(8, None, 6)) < ladder.index(Rung(16, None, 3))
+    assert ladder.index(Rung(16, None, 3)) < ladder.index(Rung(10, None, 6))
+    assert {rung.rerank for rung in ladder} == {2, 3, 4, 6, 12}
+    probes = [rung.nprobe for rung in ladder if rung.rerank == 3]
     assert probes == sorted(probes) and max(probes) <= 8 * ann.MAX_EFFORT
-    assert len(set(ladder)) == len(ladder)
+    assert len(set(ladder)) == len(ladder) and all(rung.pruning is None for rung in ladder)
     # It stops at every list, and HNSW widens its beam instead.
-    assert ann.calibration_ladder(4, None, 3, 6)[-1] == (6, None, 12)
+    assert ann.calibration_ladder(4, None, 3, 6)[-1] == Rung(6, None, 12)
     beams = ann.calibration_ladder(None, 64, 2, None)
-    assert beams[0] == (None, 64, 2) and beams[-1][1] <= 64 * ann.MAX_EFFORT
-    assert all(probe is None for probe, _, _ in beams)
+    assert beams[0] == Rung(None, 64, 1) and beams[-1].ef_search <= 64 * ann.MAX_EFFORT
+    assert all(rung.nprobe is None for rung in beams)
+
+
+def test_pruned_rungs_and_a_cost_from_the_data() -> None:
+    Rung, Pruning = ann.Rung, ann.Pruning
+    ladder = ann.calibration_ladder(8, None, 3, 2048, prune=True)
+    pruned = [rung for rung in ladder if rung.pruning is not None]
+    assert {rung.pruning.ratio for rung in pruned} == set(ann.PRUNE_RATIOS)
+    assert {(rung.nprobe, rung.pruning.min_lists) for rung in pruned} == {(32, 4)}
+    assert len(pruned) == len(ann.PRUNE_RATIOS) * len(ann.rerank_choices(3))
+    # Capped by the lists there are.
+    assert {rung.nprobe for rung in ann.calibration_ladder(8, None, 3, 20, prune=True)} <= set(
+        range(1, 21)
+    )
+    # A cost orders the rungs, ties by fewer candidates.
+    by_cost = ann.calibration_ladder(8, None, 3, 2048, prune=True, cost=lambda r: -r.nprobe)
+    assert by_cost[0].nprobe == max(r.nprobe for r in ladder) and by_cost[-1].nprobe == 8
+    # What a rung covers: as many lists or more, as many candidates or more.
+    wide, narrow = Rung(32, None, 3, Pruning(2.0, 4)), Rung(32, None, 3, Pruning(1.5, 4))
+    assert wide.covers(narrow) and not narrow.covers(wide)
+    assert Rung(32, None, 3).covers(wide) and not wide.covers(Rung(32, None, 3))
+    assert not Rung(16, None, 3).covers(wide) and not wide.covers(Rung(32, None, 4, narrow.pruning))
+    assert Rung(16, None, 6).covers(Rung(10, None, 6)) and not Rung(16, None, 2).covers(
+        Rung(10, None, 3)
+    )
+
+
+def test_pruning_keeps_the_lists_near_the_nearest() -> None:
+    distances = np.array([[1.0, 1.2, 1.6, 3.0], [0.0, 0.5, 0.7, 0.9], [2.0, 2.1, 2.2, 2.3]])
+    lists = np.array([[5, 6, 7, 8], [1, 2, 3, -1], [9, 10, 11, 12]])
+    pruned = ann.prune_lists(distances, lists, ann.Pruning(1.5, 1))
+    assert pruned.tolist() == [[5, 6, -1, -1], [1, -1, -1, -1], [9, 10, 11, 12]]
+    # At least min_lists, even when the nearest centroid is the query itself.
+    floor = ann.prune_lists(distances, lists, ann.Pruning(1.5, 3))
+    assert floor.tolist() == [[5, 6, 7, -1], [1, 2, 3, -1], [9, 10, 11, 12]]
+
+
+def test_pruned_search_and_its_cost_on_a_real_inverted_file() -> None:
+    rng = np.random.default_rng(16)
+    n, dim = 4_000, 32
+    xb = clustered(rng, n + 100, dim, clusters=40)
+    xb, xq = xb[:n], xb[n:]
+    index = VectorIndex.build(
+        dim, np.arange(n), xb, "PCA16,IVF32,PQ16x4fs", nprobe=8, target_recall=None
+    )
+    faiss_index = index._ann
+    ivf = ann.prunable_ivf(faiss_index)
+    assert ivf is not None and ivf.nprobe == 8
+    plain = ann.search_candidates(faiss_index, xq, 20, None)
+    # Every list within reach is kept: the same candidates as the fixed nprobe.
+    everything = ann.search_candidates(faiss_index, xq, 20, ann.Pruning(1e9, 1))
+    np.testing.assert_array_equal(everything, plain)
+    # Only the nearest list: what nprobe 1 finds.
+    ivf.nprobe = 1
+    nearest = faiss_index.search(xq, 20)[1]
+    ivf.nprobe = 8
+    np.testing.assert_array_equal(
+        ann.search_candidates(faiss_index, xq, 20, ann.Pruning(1.0, 1)), nearest
+    )
+    # The cost counts the codes of the lists searched, and candidates re-ranked.
+    cost = ann.ProbeCost(faiss_index, xq, 16, k=10)
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
+    _, coarse = ivf.quantizer.search(ann.transformed(faiss_index, xq), 8)
+    codes = sizes[coarse].sum(axis=1).mean()
+    rerank = 30 * 4 * dim * ann.RERANK_SECONDS_PER_BYTE  # 3 x k candidates, k = 10
+    expected = codes * ivf.code_size * ann.SCAN_SECONDS_PER_BYTE + rerank
+    assert cost(ann.Rung(8, None, 3)) == pytest.approx(expected)
+    assert cost(ann.Rung(8, None, 3, ann.Pruning(1.5, 1))) < cost(ann.Rung(8, None, 3))
+    assert cost(ann.Rung(8, None, 3, ann.Pruning(1e9, 1))) == pytest.approx(expected)
+    assert cost(ann.Rung(8, None, 6)) > cost(ann.Rung(8, None, 3)) > cost(ann.Rung(4, None, 3))
 
 
 def test_a_factory_string_overrides_the_choice() -> None:
@@ -305,6 +380,38 @@ def test_squared_distances_are_within_their_bound_and_inf_when_absent() -> None:
     assert (error <= ann.squared_distance_error(dim) * exact[live] + 1e-30).all()
 
 
+def test_pruned_lists_are_saved_served_and_refused_where_they_cannot_be(tmp_path: Path) -> None:
+    import faiss
+
+    rng = np.random.default_rng(17)
+    n, dim = 4_000, 32
+    xb = clustered(rng, n + 50, dim, clusters=40)
+    xb, xq = xb[:n], xb[n:]
+    ids = np.arange(n, dtype=np.int64) * 3
+    pruning = ann.Pruning(1.5, 2)
+    index = VectorIndex.build(
+        dim, ids, xb, "IVF32,PQ32x4fs", nprobe=8, pruning=pruning, target_recall=None
+    )
+    settings = index.search_settings()
+    assert settings == {"nlist": 32, "nprobe": 8, "rerank": 3, "prune_ratio": 1.5, "min_lists": 2}
+    assert "lists within 1.5x the nearest's squared distance, at least 2" in index.description()
+    index.save(tmp_path / "pruned.faiss")
+    served = VectorIndex.load(tmp_path / "pruned.faiss", mmap=True)
+    assert served.search_settings() == settings
+    for a, b in zip(served.search(xq, 10), index.search(xq, 10), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Pruned, it finds what the index's own pruned candidates hold, re-ranked exactly.
+    cand = ann.search_candidates(index._ann, xq, 30, pruning)
+    d2 = ((xq[:, None, :].astype(np.float64) - xb[cand // 3].astype(np.float64)) ** 2).sum(-1)
+    best = np.take_along_axis(cand, np.argsort(d2, axis=1, kind="stable")[:, :10], axis=1)
+    assert recall(served.search(xq, 10)[1], best) == 1.0
+    with pytest.raises(ValueError, match="leave pruning out"):
+        VectorIndex(dim, "HNSW8", pruning=pruning)
+    with pytest.raises(ValueError, match="leave pruning out"):
+        VectorIndex(dim, "IVF32,PQ32x4fs,Refine(Flat)", pruning=pruning)
+    assert faiss.METRIC_L2 == served._ann.metric_type
+
+
 def test_approximate_ties_are_ordered_by_id_with_exact_distances() -> None:
     rng = np.random.default_rng(13)
     dim = 32
@@ -336,8 +443,9 @@ def test_calibration_searches_more_until_the_target(caplog: pytest.LogCaptureFix
     # A target no setting reaches: the most thorough rung is kept, and the log says so.
     with caplog.at_level("WARNING", logger="simsearch.index"):
         stubborn = VectorIndex.build(dim, ids, xb, "IVF64,PQ32x4fs", nprobe=1, target_recall=1.01)
-    last = ann.calibration_ladder(1, None, ann.RERANK, 64)[-1]
-    assert stubborn.search_settings() == {"nlist": 64, "nprobe": last[0], "rerank": last[2]}
+    ladder = ann.calibration_ladder(1, None, ann.RERANK, 64)
+    most = {"nlist": 64, "nprobe": max(r.nprobe for r in ladder), "rerank": 4 * ann.RERANK}
+    assert stubborn.search_settings() == most
     assert "index-factory Flat" in caplog.text
 
 
@@ -349,8 +457,9 @@ def test_an_index_file_made_with_either_metric_loads(
     rng = np.random.default_rng(15)
     xb = clustered(rng, 3_000, 32, clusters=30)
     ids = np.arange(3_000, dtype=np.int64)
-    # As before metric_for existed: a PCA factory built with inner products.
-    monkeypatch.setattr(ann, "metric_for", lambda factory: faiss.METRIC_INNER_PRODUCT)
+    # As files were made before every index was Euclidean: a PCA factory with inner products.
+    new_ann = ann.new_ann
+    monkeypatch.setattr(ann, "new_ann", lambda d, f: new_ann(d, f, faiss.METRIC_INNER_PRODUCT))
     legacy = VectorIndex.build(32, ids, xb, "PCA16,IVF16,PQ16x4fs", target_recall=None)
     legacy.save(tmp_path / "legacy.faiss")
     monkeypatch.undo()

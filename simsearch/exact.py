@@ -66,6 +66,8 @@ _PAIR_BLOCK = 8_192  # (group, query) pairs looked into at a time
 _MAX_PASSING = 0.02  # more passing groups than this share: the full scan is faster
 _FALLBACKS_TO_GIVE_UP = 2  # after this many fallbacks every block uses the full scan
 _REFINE_ROWS = 8_192  # candidate rows scored at a time (one task of the thread pool)
+_DOT_WIDTH = 64  # candidates per line of `_dots_f32` (a query with more takes several lines)
+_KTH_TABLE_FACTOR, _KTH_TABLE_MIN = 4, 64  # `_kth_smallest`'s table: 4x the mean group + 64
 _U32 = 2.0**-24  # float32 unit roundoff
 _HALF_ULP_BELOW_1 = 2.0**-9  # bf16 rounding error of any value smaller than 1 in size
 _SHORTER = 0.99 / (1 + 2.0**-7)  # scale so that bf16 copies stay shorter than 0.99
@@ -97,7 +99,7 @@ class ExactSearcher:
     def __init__(self, vectors: np.ndarray) -> None:
         if vectors.ndim != 2 or vectors.dtype != np.float32:
             raise ValueError("vectors must be a (n, dim) float32 array")
-        self._x = vectors
+        self._x = np.ascontiguousarray(vectors)  # read in place by FAISS (a copy only if strided)
         self.n, self.dim = vectors.shape
         norms = np.ones(max(self.n, 1), dtype=np.float64)
         for start in range(0, self.n, _BUILD_ROWS):
@@ -273,15 +275,17 @@ class ExactSearcher:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Score candidates, best bf16 score first, until no unscored one can compete."""
         b = len(q64)
-        order = np.lexsort((-cand_score, cand_q))
+        # By query (a radix sort of small integers); within a query, in the order found.
+        keys = cand_q.astype(np.int16) if b <= np.iinfo(np.int16).max else cand_q
+        order = np.argsort(keys, kind="stable")
         cand_q, cand_pos, cand_score = cand_q[order], cand_pos[order], cand_score[order]
-        rank = _ranks(cand_q, b)
         margin = _margin(qn2, self._norm_max)
         # Squared distances from float32 inner products, each within `slack` of the truth.
         slack = _f32_slack(qn2, self.dim, self._norm_max)
         d2 = np.full(len(cand_q), np.inf)
-        # First the k best by bf16 score: the k-th of their distances bounds the k-th nearest.
-        first = rank < k
+        # First the k best by bf16 score (more on ties): the k-th of their distances bounds the
+        # k-th nearest.
+        first = cand_score >= -_kth_smallest(-cand_score, cand_q, b, k)[cand_q]
         d2[first] = self._distances2_f32(q64, qn2, cand_q[first], cand_pos[first])
         dk2 = _kth_smallest(d2[first] + slack[cand_q[first]], cand_q[first], b, k)
         # A vector whose bf16 score is under theta is farther than that (with the tie margin).
@@ -310,16 +314,8 @@ class ExactSearcher:
         self, q64: np.ndarray, qn2: np.ndarray, rows: np.ndarray, pos: np.ndarray
     ) -> np.ndarray:
         """|q|^2 + |x|^2 - 2 q.x with q.x in float32 (within 2 d 2^-24 |q| |x| of the truth)."""
-        out = np.empty(len(rows), dtype=np.float64)
-        q32 = q64.astype(np.float32)
-
-        def part(start: int) -> None:
-            r, p = rows[start : start + _REFINE_ROWS], pos[start : start + _REFINE_ROWS]
-            dots = np.einsum("ij,ij->i", np.take(self._x, p, axis=0), q32[r])
-            out[start : start + len(r)] = qn2[r] + self._norm2[p] - 2.0 * dots
-
-        _parallel.each(part, range(0, len(rows), _REFINE_ROWS))
-        return out
+        dots = _dots_f32(self._x, q64.astype(np.float32), rows, pos)
+        return qn2[rows] + self._norm2[pos] - 2.0 * dots
 
     def _distances2_f64(self, q64: np.ndarray, rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Squared Euclidean distances in float64 from differences (0.0 for identical vectors)."""
@@ -494,8 +490,15 @@ class ProjectedSearcher(ExactSearcher):
         pos = (top[:, :, None] * GROUP + torch.arange(GROUP)).reshape(b, -1)
         columns = self._low.shape[1]
         rows_of = self._low.view(groups, GROUP * columns)  # a group's rows: one contiguous run
-        members = rows_of.index_select(0, top.reshape(-1)).view(b, -1, columns)
-        scores = torch.bmm(members, low[:, :, None]).squeeze(2).float()
+        scores = torch.empty(pos.shape, dtype=torch.float32)
+        chosen = top.reshape(-1)
+        per_query = top.shape[1]
+        step = max(1, _PAIR_BLOCK * PROJECTED_GROUP // (GROUP * per_query))  # as _candidates
+        for start in range(0, b, step):
+            stop = min(b, start + step)
+            picked = chosen[start * per_query : stop * per_query]
+            members = _gather_rows(rows_of, picked).view(stop - start, -1, columns)
+            scores[start:stop] = torch.bmm(members, low[start:stop, :, None]).squeeze(2)
         scores[pos >= self.n] = float("-inf")
         pick = scores.topk(min(_SEED_ROWS * k, pos.shape[1]), dim=1).indices
         seed = torch.gather(pos, 1, pick).numpy()
@@ -529,7 +532,7 @@ class ProjectedSearcher(ExactSearcher):
         found_q, found_pos, found_score = [], [], []
         for start in range(0, len(gg), _PAIR_BLOCK):
             g, q = gg[start : start + _PAIR_BLOCK], qq[start : start + _PAIR_BLOCK]
-            members = rows_of.index_select(0, g).view(len(g), PROJECTED_GROUP, columns)
+            members = _gather_rows(rows_of, g).view(len(g), PROJECTED_GROUP, columns)
             scores = torch.bmm(members, low.index_select(0, q)[:, :, None]).squeeze(2).float()
             pi, pj = torch.nonzero(scores >= threshold[q][:, None], as_tuple=True)
             found_q.append(q[pi])
@@ -576,6 +579,55 @@ def make_searcher(vectors: np.ndarray) -> ExactSearcher:
     return ExactSearcher(vectors)
 
 
+_scratch = threading.local()
+
+
+def _gather_rows(rows: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """rows[which], into a buffer this thread keeps for the next call: gathering into memory
+    already touched is 10x faster than into a new tensor, whose fresh pages fault one by one
+    (measured: 8 against 120 ms for 89,000 groups of 32 rows of 66 bf16 values)."""
+    n, width = len(which), rows.shape[1]
+    buffer = getattr(_scratch, "rows", None)
+    if buffer is None or buffer.dtype != rows.dtype or buffer.numel() < n * width:
+        buffer = torch.empty(max(n * width, _PAIR_BLOCK * width), dtype=rows.dtype)
+        _scratch.rows = buffer
+    return torch.index_select(rows, 0, which, out=buffer[: n * width].view(n, width))
+
+
+def _dots_f32(x: np.ndarray, q32: np.ndarray, rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """float32 inner products q32[rows[i]] . x[pos[i]] (float32 in any order of summation).
+
+    FAISS reads each row of x where it lies, on all threads (3x faster than gathering copies
+    for numpy). Its kernel takes a rectangle of ids per query: each run of equal query rows is
+    cut into lines of _DOT_WIDTH ids (the last padded with -1), one line per FAISS "query".
+    """
+    import faiss
+
+    n = len(rows)
+    if n == 0:
+        return np.empty(0, dtype=np.float32)
+    new_run = np.ones(n, dtype=bool)
+    new_run[1:] = rows[1:] != rows[:-1]
+    starts = np.flatnonzero(new_run)
+    cell = (np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))) % _DOT_WIDTH
+    head = cell == 0
+    line = np.cumsum(head) - 1
+    ids = np.full((int(line[-1]) + 1, _DOT_WIDTH), -1, dtype=np.int64)
+    ids[line, cell] = pos
+    xq = np.ascontiguousarray(q32[rows[head]], dtype=np.float32)
+    out = np.empty(ids.shape, dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(out),
+        faiss.swig_ptr(xq),
+        faiss.swig_ptr(x),
+        faiss.swig_ptr(ids),
+        x.shape[1],
+        len(ids),
+        _DOT_WIDTH,
+    )
+    return out[line, cell]
+
+
 def _f32_slack(qn2: np.ndarray, dim: int, norm_max: float) -> np.ndarray:
     """How far a squared distance from a float32 inner product can be from the truth."""
     return 2.0 * 1.01 * dim * _U32 * np.sqrt(qn2) * norm_max + 1e-12
@@ -614,10 +666,28 @@ def _ranks(groups: np.ndarray, n_groups: int) -> np.ndarray:
 
 
 def _kth_smallest(values: np.ndarray, groups: np.ndarray, n_groups: int, k: int) -> np.ndarray:
-    """Per group, the k-th smallest value (inf where a group has fewer than k)."""
-    order = np.lexsort((values, groups))
-    rank = _ranks(groups[order], n_groups)
+    """Per group, the k-th smallest value (inf where a group has fewer than k); groups ascending.
+
+    Groups up to a few times the mean size go into a table padded with inf, partitioned row by
+    row (10x faster than sorting everything); the few larger ones are sorted.
+    """
     out = np.full(n_groups, np.inf)
-    at = rank == k - 1
-    out[groups[order][at]] = values[order][at]
+    if len(values) == 0 or k < 1:
+        return out
+    counts = np.bincount(groups, minlength=n_groups)
+    width = max(k, _KTH_TABLE_FACTOR * len(values) // max(n_groups, 1) + _KTH_TABLE_MIN)
+    small = counts <= width
+    in_table = small[groups]
+    g, v = groups[in_table], values[in_table]
+    widest = int(counts[small].max()) if small.any() else 0
+    if widest >= k:
+        table = np.full((n_groups, widest), np.inf)
+        table[g, _ranks(g, n_groups)] = v
+        out[small] = np.partition(table, k - 1, axis=1)[small, k - 1]
+    if not in_table.all():
+        g, v = groups[~in_table], values[~in_table]
+        order = np.lexsort((v, g))
+        g, v = g[order], v[order]
+        at = _ranks(g, n_groups) == k - 1
+        out[g[at]] = v[at]
     return out

@@ -275,3 +275,47 @@ def test_projected_scores_few_rows_exactly(projected_small: None) -> None:
         searcher._features(xb[cand_pos].astype(np.float64)),
     )
     assert (np.abs(cand_score * unit_ip[cand_q] - upper) <= bound[cand_q]).all()
+
+
+def test_kth_smallest_per_group_in_the_table_and_by_sorting() -> None:
+    rng = np.random.default_rng(21)
+    # Uneven groups: most small, one far above the table's width (sorted instead), one empty.
+    counts = np.array([5, 40, 0, 3, 2_000, 12, 9])
+    groups = np.repeat(np.arange(len(counts)), counts)
+    values = rng.standard_normal(len(groups))
+    values[groups == 5] = 1.5  # ties
+    for k in (1, 3, 10):
+        expected = np.full(len(counts), np.inf)
+        for g, c in enumerate(counts):
+            if c >= k:
+                expected[g] = np.sort(values[groups == g])[k - 1]
+        got = exact_module._kth_smallest(values, groups, len(counts), k)
+        np.testing.assert_array_equal(got, expected)
+    empty = exact_module._kth_smallest(np.empty(0), np.empty(0, np.int64), 3, 2)
+    assert np.isinf(empty).all()
+
+
+def test_float32_dots_read_in_place_are_within_their_bound() -> None:
+    rng = np.random.default_rng(22)
+    x = unit(rng, 500, 48)
+    q = unit(rng, 30, 48)
+    # Runs of one query longer than a FAISS line, single rows, and a query met twice.
+    rows = np.concatenate([np.full(150, 3), [0], np.full(64, 7), [3, 3], np.arange(30)])
+    pos = rng.integers(0, len(x), len(rows))
+    dots = exact_module._dots_f32(x, q, rows, pos)
+    truth = np.einsum("ij,ij->i", q[rows].astype(np.float64), x[pos].astype(np.float64))
+    assert dots.dtype == np.float32 and dots.shape == rows.shape
+    assert np.abs(dots - truth).max() <= 2 * 48 * 2.0**-24
+    assert len(exact_module._dots_f32(x, q, rows[:0], pos[:0])) == 0
+
+
+def test_gathered_rows_are_right_when_the_buffer_is_reused() -> None:
+    table = torch.arange(40 * 6, dtype=torch.float32).view(40, 6).to(torch.bfloat16)
+    first = exact_module._gather_rows(table, torch.tensor([3, 1, 3]))
+    torch.testing.assert_close(first, table[[3, 1, 3]])
+    kept = first.clone()
+    second = exact_module._gather_rows(table, torch.tensor([39, 0]))
+    torch.testing.assert_close(second, table[[39, 0]])
+    torch.testing.assert_close(kept, table[[3, 1, 3]])
+    wider = torch.ones((4, 3000), dtype=torch.bfloat16)
+    torch.testing.assert_close(exact_module._gather_rows(wider, torch.tensor([2])), wider[[2]])

@@ -25,7 +25,7 @@ when searching.
 `ProjectedSearcher` does the same work in a fraction of the dimensions where the vectors allow:
 an upper bound of every score from a few principal directions plus a bound on the rest, one
 narrow bf16 product, and only the vectors whose bound reaches a proven threshold scored exactly
-(2.8-3.4x the full-dimension scan on bin/bench-search's million clustered vectors). `make_searcher`
+(4.3-4.8x the full-dimension scan on bin/bench-search's million clustered vectors). `make_searcher`
 picks it where it pays, and it falls back to the full scan by itself where it does not.
 """
 

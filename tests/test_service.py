@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -69,6 +70,57 @@ def test_healthz_and_readyz(client):
     assert ready.status_code == 200
     body = ready.json()
     assert body["ready"] is True and body["indexed"] == 12 and body["model"] == "fake-48-0001"
+
+
+class GatedFactory(FakeFactory):
+    """Embedders whose query embeddings wait for a gate, counting how many run at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.inside = threading.Semaphore(0)
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, spec: str):
+        embedder = super().__call__(spec)
+        embed_images = embedder.embed_images
+
+        def gated(images, batch_size: int = 32):
+            with self._lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            self.inside.release()
+            try:
+                assert self.gate.wait(10)
+                return embed_images(images, batch_size)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+        embedder.embed_images = gated
+        return embedder
+
+
+def test_query_embeddings_are_bounded_and_the_others_wait_then_get_503(indexed) -> None:
+    gated = GatedFactory()
+    with (
+        make_client(indexed, gated, max_concurrent_embeddings=2, embed_wait=0.2) as client,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        held = [pool.submit(upload, client, badfiles.jpeg_bytes(seed=s)) for s in (1, 2)]
+        assert gated.inside.acquire(timeout=10) and gated.inside.acquire(timeout=10)
+        busy = upload(client, badfiles.jpeg_bytes(seed=3))
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "5"
+        assert "--max-concurrent-embeddings" in busy.json()["detail"]
+        data = base64.b64encode(badfiles.jpeg_bytes(seed=4)).decode()
+        smqtk = client.post(f"/compute/base64://{data}")  # ImageSpace's calls wait alike
+        assert smqtk.status_code == 503 and smqtk.json()["success"] is False
+        gated.gate.set()
+        assert [f.result().status_code for f in held] == [200, 200]
+        assert upload(client, badfiles.jpeg_bytes(seed=3)).status_code == 200
+    assert gated.most == 2
 
 
 def test_preload_loads_the_model_once_at_start_up(indexed, factory):

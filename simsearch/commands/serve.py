@@ -68,6 +68,15 @@ def serve(
         ),
     ] = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: MaxPixelsOption = None,
+    max_concurrent_embeddings: Annotated[
+        int,
+        typer.Option(
+            "--max-concurrent-embeddings",
+            min=0,
+            help="Query images embedded at once; more wait (up to 30 s, then 503). "
+            "0: one per core. Each holds a decoded image and the network's activations.",
+        ),
+    ] = 0,
     device: DeviceOption = None,
     backbone_weights: WeightsOption = None,
     log_level: Annotated[
@@ -100,6 +109,7 @@ def serve(
             allow_remote_fetch=allow_remote_fetch,
             max_upload_bytes=max_upload_bytes,
             max_pixels=pixels,
+            max_concurrent_embeddings=max_concurrent_embeddings,
             embedder_factory=embedder_factory(device, backbone_weights, pixels),
         )
         app = create_app(settings)

@@ -37,3 +37,12 @@ def status_for(exc: SimsearchError) -> int:
     if isinstance(exc, InputError):
         return 400
     return 400
+
+
+RETRY_AFTER_SECONDS = 5
+
+
+def headers_for(exc: SimsearchError) -> dict[str, str]:
+    """Headers of an error response: a 503 (busy, or the store is being rebuilt) says when to
+    retry."""
+    return {"Retry-After": str(RETRY_AFTER_SECONDS)} if status_for(exc) == 503 else {}

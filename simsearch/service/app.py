@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from simsearch import __version__
 from simsearch.errors import SimsearchError
-from simsearch.service import status_for
+from simsearch.service import headers_for, status_for
 from simsearch.service.settings import ServiceSettings
 from simsearch.service.state import ServiceState
 
@@ -77,7 +77,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.exception_handler(SimsearchError)
     async def _simsearch_error(_request: Request, exc: SimsearchError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc))
+        return JSONResponse(
+            {"detail": str(exc)}, status_code=status_for(exc), headers=headers_for(exc)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -63,3 +63,8 @@ class ServiceSettings:
     address_allowed: Callable[[IPAddress], bool] = is_public_address
     preload_model: bool = False  # load the store's model at start-up, not on the first query
     thumbnail_cache_size: int = 512  # thumbnails kept in memory
+    # Query images embedded at once (0: one per core); more wait up to embed_wait seconds, then
+    # get 503. Each holds a decoded image and the network's activations: unbounded, a burst of
+    # large uploads would exhaust memory instead of queueing.
+    max_concurrent_embeddings: int = 0
+    embed_wait: float = 30.0

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
 from simsearch.errors import SimsearchError
-from simsearch.service import ServiceError, status_for
+from simsearch.service import ServiceError, headers_for, status_for
 from simsearch.service.state import ServiceState
 from simsearch.service.uris import resolve_uri
 
@@ -67,7 +67,7 @@ def parse_nn_path(spec: str) -> tuple[int, int, int, str]:
 
 def _failure(exc: SimsearchError, uri: str, **empty: object) -> JSONResponse:
     body = {"success": False, "message": str(exc), **empty, "reference_uri": uri}
-    return JSONResponse(body, status_code=status_for(exc))
+    return JSONResponse(body, status_code=status_for(exc), headers=headers_for(exc))
 
 
 @router.get(

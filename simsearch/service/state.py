@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simsearch import library
+from simsearch._parallel import cores
 from simsearch.collection import Collection
 from simsearch.config import IndexSettings
 from simsearch.errors import ImageError, SimsearchError, StoreError, StoreLockedError
@@ -104,6 +105,8 @@ class ServiceState:
         self._reload_lock = threading.Lock()
         self._thumbnails: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._thumbnails_lock = threading.Lock()
+        self._embed_slots_total = settings.max_concurrent_embeddings or cores()
+        self._embed_slots = threading.BoundedSemaphore(self._embed_slots_total)
         self.reloads = 0  # snapshots opened after the first (for tests and logs)
 
     # -- snapshots -------------------------------------------------------------------------
@@ -273,20 +276,36 @@ class ServiceState:
                 f"{label} is larger than the limit of {self.settings.max_upload_bytes:,} bytes",
             )
         check_pixels(data, self.settings.max_pixels, label)
-        try:
-            result = library.embed_bytes(
-                snap.collection,
-                data,
-                embedder_factory=self.factory,
-                max_pixels=self.settings.max_pixels,
-            )
-        except ImageError as exc:
-            raise ServiceError(
-                415,
-                f"{label} is not a usable image: {exc}; send a JPEG, PNG, GIF, BMP, "
-                "WebP or TIFF file",
-            ) from None
+        with self._embedding_slot():
+            try:
+                result = library.embed_bytes(
+                    snap.collection,
+                    data,
+                    embedder_factory=self.factory,
+                    max_pixels=self.settings.max_pixels,
+                )
+            except ImageError as exc:
+                raise ServiceError(
+                    415,
+                    f"{label} is not a usable image: {exc}; send a JPEG, PNG, GIF, BMP, "
+                    "WebP or TIFF file",
+                ) from None
         return QueryVector(result.vector, result.image_id)
+
+    @contextmanager
+    def _embedding_slot(self) -> Iterator[None]:
+        """One of the max_concurrent_embeddings slots, waited for up to embed_wait seconds."""
+        if not self._embed_slots.acquire(timeout=self.settings.embed_wait):
+            raise ServiceError(
+                503,
+                f"the server is busy: {self._embed_slots_total} images are being embedded and "
+                f"none finished within {self.settings.embed_wait:g} s; retry later, or start "
+                "the server with a higher --max-concurrent-embeddings if it has the memory",
+            )
+        try:
+            yield
+        finally:
+            self._embed_slots.release()
 
     def search(self, snap: Snapshot, query: QueryVector, k: int, text: str) -> library.QueryResult:
         snap.require_model()

@@ -68,6 +68,10 @@ MIN_NPROBE = 8
 RERANK = 3
 # Candidates re-ranked are at least this many more than k, so that ties at the k-th can be settled.
 MIN_EXTRA_CANDIDATES = 16
+# How automatic indexes are built and searched; a store's automatic index made by an older
+# method is rebuilt when the store next changes (1: fixed nprobe; 2: lists pruned per query,
+# settings priced by the codes they scan).
+SEARCH_METHOD = 2
 # Recall@10 the calibration asks of its sample; 0.95 is promised, the rest covers the sample's
 # error (about 0.003 with 1000 queries) and queries that are not stored vectors: on
 # bin/bench-search's held-out queries pruned settings find up to 0.005 less than on the sample.

@@ -261,6 +261,8 @@ class Collection:
             return want if want.approximate else None
         if not want.approximate:
             return want if n < ann.FLAT_MAX_VECTORS * FLAT_RETURN_FRACTION else None
+        if index.method < ann.SEARCH_METHOD:  # made by an older simsearch: build today's
+            return want
         if index.built_for == 0:  # trained elsewhere: its size is unknown, keep it
             return None
         built = index.built_for

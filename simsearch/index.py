@@ -266,6 +266,11 @@ class VectorIndex:
         return self._flat is not None or bool(self._ann.is_trained)
 
     @property
+    def method(self) -> int:
+        """`ann.SEARCH_METHOD` of the simsearch that built it (1: files from before it existed)."""
+        return self._method
+
+    @property
     def built_for(self) -> int:
         """Vectors an approximate index held when `build` made it (0: Flat, or unknown)."""
         return self._built_for
@@ -451,6 +456,7 @@ class VectorIndex:
         self._vectors: ann.ExactVectors | None = None
         self._rerank_factor = ann.RERANK
         self._pruning: ann.Pruning | None = None
+        self._method = ann.SEARCH_METHOD
         self._built_for = 0
         self._calibration: dict[str, float] = {}
         self._state_lock = threading.Lock()
@@ -725,6 +731,7 @@ class VectorIndex:
                     "vectors_offset": vectors_offset,
                     "rerank": self._rerank_factor,
                     "built_for": self._built_for,
+                    "method": self._method,
                     "calibration": self._calibration,
                     "search": ann.search_params(self._ann),
                     "pruning": None
@@ -784,6 +791,7 @@ class VectorIndex:
         self._vectors = vectors
         self._rerank_factor = int(meta.get("rerank") or ann.RERANK)
         self._built_for = int(meta.get("built_for") or 0)
+        self._method = int(meta.get("method") or 1)
         self._calibration = dict(meta.get("calibration") or {})
         search = meta.get("search") or {}
         ann.set_search_params(index, search.get("nprobe"), search.get("efSearch"))

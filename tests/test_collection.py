@@ -184,6 +184,24 @@ def test_crossing_the_threshold_switches_to_an_approximate_index(store_dir, smal
     assert len(assert_consistent(store_dir)) == 300
 
 
+def test_an_automatic_index_of_an_older_method_is_rebuilt_when_the_store_changes(
+    store_dir, small_threshold, monkeypatch
+):
+    new_store(store_dir, n=300)
+    with Collection.open(store_dir, write=True) as c:
+        c.save_index()
+        assert c.index().approximate and c.index().method == ann.SEARCH_METHOD
+    monkeypatch.setattr(ann, "SEARCH_METHOD", ann.SEARCH_METHOD + 1)
+    with Collection.open(store_dir, write=False) as reader:  # an older file serves meanwhile
+        assert reader.index().method == ann.SEARCH_METHOD - 1 and len(reader.index()) == 300
+    with Collection.open(store_dir, write=True) as c:
+        c.apply(Changes(records=[record(i) for i in range(300, 310)]))
+        c.save_index()
+    with Collection.open(store_dir, write=False) as reader:
+        index = reader.index()
+        assert index.method == ann.SEARCH_METHOD and index.built_for == 310
+
+
 def test_approximate_index_is_caught_up_and_rebuilt(store_dir, small_threshold):
     new_store(store_dir, n=300)
     with Collection.open(store_dir, write=True) as c:

@@ -5,6 +5,12 @@ recognise it falls back to generic kernels and flat search runs several times sl
 an Intel Sapphire Rapids machine: about 300 against 1,500 queries/s). OpenBLAS reads
 OPENBLAS_CORETYPE once, when the library loads, so `configure` must run before `import faiss`;
 `simsearch.index` calls it first thing. A value the user has set is always kept.
+
+It also shortens how long idle OpenMP threads (FAISS's and torch's) spin before they sleep
+(GOMP_SPINCOUNT, read when libgomp loads): simsearch runs numpy on Python threads between their
+parallel regions, and threads spinning for the default 300,000 turns take the cores those need.
+Measured on 2 cores: approximate search 40 against 37 ms per 1000 queries, one exact query over
+200,000 vectors 29 against 19 ms.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ ENV = "OPENBLAS_CORETYPE"
 # The instructions OpenBLAS's SkylakeX kernels use (its own runtime check asks for these).
 SKYLAKEX_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"})
 _CPUINFO = "/proc/cpuinfo"
+SPIN_ENV = "GOMP_SPINCOUNT"
+SPIN_COUNT = "10000"
 
 _configured: str | None = None
 _done = False
@@ -52,15 +60,27 @@ def openblas_coretype(flags: Iterable[str], env: Mapping[str, str]) -> str | Non
     return None
 
 
-def configure() -> str | None:
-    """Set OPENBLAS_CORETYPE for this process if it helps; returns the value set, if any.
+def openmp_spin(env: Mapping[str, str]) -> str | None:
+    """The GOMP_SPINCOUNT to set, or None where the user chose it or OpenMP's wait policy."""
+    if SPIN_ENV in env or "OMP_WAIT_POLICY" in env:
+        return None
+    return SPIN_COUNT
 
-    Idempotent; has no effect on an OpenBLAS that is already loaded (numpy's own, usually).
+
+def configure() -> str | None:
+    """Set OPENBLAS_CORETYPE for this process if it helps, and GOMP_SPINCOUNT; returns the
+    OPENBLAS_CORETYPE value set, if any.
+
+    Idempotent; has no effect on libraries already loaded (numpy's OpenBLAS, usually, or torch
+    when it was imported before simsearch).
     """
     global _configured, _done
     if _done:
         return _configured
     _done = True
+    spin = openmp_spin(os.environ)
+    if spin is not None:
+        os.environ[SPIN_ENV] = spin
     value = openblas_coretype(cpu_flags(), os.environ)
     if value is not None:
         os.environ[ENV] = value
@@ -85,11 +105,13 @@ def describe(module: object | None = None) -> str:
         except (OSError, AttributeError):
             continue
         config.restype = core.restype = ctypes.c_char_p
-        return (
-            f"{config().decode(errors='replace')}; core {core().decode(errors='replace')}; "
-            f"{ENV}={os.environ.get(ENV, '(unset)')}"
-        )
-    return f"no bundled OpenBLAS found; {ENV}={os.environ.get(ENV, '(unset)')}"
+        name = f"{config().decode(errors='replace')}; core {core().decode(errors='replace')}"
+        return f"{name}; {_settings()}"
+    return f"no bundled OpenBLAS found; {_settings()}"
+
+
+def _settings() -> str:
+    return "; ".join(f"{key}={os.environ.get(key, '(unset)')}" for key in (ENV, SPIN_ENV))
 
 
 def cpu_supports_bf16() -> bool:

@@ -564,6 +564,13 @@ def test_openblas_core_type_for_avx512_cpus() -> None:
     assert _blas.openblas_coretype(SKYLAKEX.split(), {"OPENBLAS_CORETYPE": ""}) is None
 
 
+def test_openmp_threads_spin_less_unless_the_user_chose() -> None:
+    assert _blas.openmp_spin({}) == _blas.SPIN_COUNT
+    assert _blas.openmp_spin({"GOMP_SPINCOUNT": "INFINITY"}) is None
+    assert _blas.openmp_spin({"OMP_WAIT_POLICY": "active"}) is None
+    assert os.environ.get("GOMP_SPINCOUNT")  # set when simsearch was imported, or by the user
+
+
 def test_cpu_flags_are_read_from_cpuinfo() -> None:
     cpuinfo = f"processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: {SKYLAKEX}\n\n"
     assert _blas.cpu_flags(cpuinfo) >= {"avx512f", "avx512vl"}

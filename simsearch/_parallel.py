@@ -26,7 +26,10 @@ def cores() -> int:
 
 
 def each(fn: Callable[[int], None], starts: range) -> None:
-    """fn(start) for every start, one block per core; returns when all are done (re-raises)."""
+    """fn(start) for every start, one block per core; returns when all are done (re-raises).
+
+    fn must not call `each` itself: the pool's threads would wait on each other.
+    """
     if len(starts) < 2:
         for start in starts:
             fn(start)

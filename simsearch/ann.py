@@ -85,17 +85,22 @@ RERANK_MULTIPLES = (2, 4)
 RERANK_COST = 0.75  # cost of one more multiple of re-ranking, in multiples of the start nprobe
 # Pruned probing (IVF, Euclidean): a query searches the lists whose centroid's squared distance
 # is within `ratio` times its nearest centroid's, at least half the starting nprobe and at most
-# PRUNE_CAP times it. Queries near one centroid search few lists, queries between several more.
-# bin/bench-search (PCA128,IVF2048,PQ128x4fs, 30 candidates): recall@10 0.970 from 12.3 lists
-# (ratio 1.5, at least 4) and 18.2 ms of scan per 1000 queries, against 0.968 from 16 lists
-# and 22.1 ms with a fixed nprobe.
+# one of PRUNE_CAPS times it. Queries near one centroid search few lists, queries between
+# several more. bin/bench-search (PCA128,IVF2048,PQ128x4fs, 30 candidates): recall@10 0.970
+# from 12.3 lists (ratio 1.5, at least 4, at most 32) and 18.2 ms of scan per 1000 queries,
+# against 0.968 from 16 lists and 22.1 ms with a fixed nprobe; at most 16 lists within 1.6x,
+# 0.964 in 35.6 ms per 1000 queries in all, against 0.957 in 37.4 ms at most 32 within 1.4x.
 PRUNE_RATIOS = (1.2, 1.25, 1.3, 1.35, 1.4, 1.45, 1.5, 1.6, 1.7, 1.8, 2.0, 2.5, 3.0)
-PRUNE_CAP = 4
+PRUNE_CAPS = (1.5, 2, 3, 4)
+PRUNE_CAP = max(PRUNE_CAPS)
 # Where the data tells what a rung costs (IVF: the codes its lists hold for the sample's
 # queries), seconds per byte scanned and per byte re-ranked; measured on bin/bench-search
-# (1,000,000 x 512, 2 cores): 1.46 ns per 64-byte code scanned, 0.2 us per 2 KiB row re-ranked.
+# (1,000,000 x 512, 2 cores): 1.46 ns per 64-byte code scanned, 0.2 us per 2 KiB row re-ranked,
+# and the coarse quantizer 0.12 us per list it is asked for (5.2 ms per 1000 queries at 16, 7.0
+# at 32 of 2048 lists).
 SCAN_SECONDS_PER_BYTE = 0.023e-9
 RERANK_SECONDS_PER_BYTE = 0.1e-9
+COARSE_SECONDS_PER_LIST = 0.12e-6
 HNSW_EF_SEARCH = 64
 # Training sample: enough for the coarse k-means (FAISS asks 39 per list) and the PQ codebooks.
 TRAIN_PER_LIST = 64
@@ -278,7 +283,7 @@ def calibration_ladder(
 
     Lists searched (or the HNSW beam) grow NPROBE_STEP at a time up to MAX_EFFORT times the
     start (and every list); candidates re-ranked are `rerank_choices`. With ``prune`` (an IVF
-    searched by Euclidean distance) there are also pruned rungs: up to PRUNE_CAP times the
+    searched by Euclidean distance) there are also pruned rungs: up to PRUNE_CAPS times the
     start nprobe, at least half of it, within each of PRUNE_RATIOS (`Pruning`).
 
     ``cost`` estimates a rung's time from the data (`VectorIndex.calibrate` counts the codes its
@@ -299,11 +304,13 @@ def calibration_ladder(
         ef = None if ef_search is None else max(1, round(ef_search * effort))
         rungs.update(Rung(probe, ef, r) for r in rerank_choices(rerank))
     if prune and nprobe:
-        cap = min(nlist or nprobe * PRUNE_CAP, nprobe * PRUNE_CAP)
-        floor = min(cap, max(1, nprobe // 2))
-        for ratio in PRUNE_RATIOS:
-            pruning = Pruning(ratio, floor)
-            rungs.update(Rung(cap, None, r, pruning) for r in rerank_choices(rerank))
+        for multiple in PRUNE_CAPS:
+            cap = max(1, round(nprobe * multiple))
+            cap = min(cap, nlist) if nlist else cap
+            floor = min(cap, max(1, nprobe // 2))
+            for ratio in PRUNE_RATIOS:
+                pruning = Pruning(ratio, floor)
+                rungs.update(Rung(cap, None, r, pruning) for r in rerank_choices(rerank))
 
     def effort_cost(rung: Rung) -> float:
         effort = rung.nprobe / nprobe if nprobe and rung.nprobe else 1.0
@@ -472,7 +479,8 @@ class ProbeCost:
         self._distances, self._lists = ivf.quantizer.search(transformed(index, xq), nprobe)
 
     def __call__(self, rung: Rung) -> float:
-        """Seconds per query: scanning the rung's lists and re-ranking its candidates."""
+        """Seconds per query: asking the coarse quantizer for the rung's nprobe lists, scanning
+        those it keeps and re-ranking its candidates."""
         lists = self._lists[:, : rung.nprobe or self._lists.shape[1]]
         if rung.pruning is not None:
             lists = prune_lists(self._distances[:, : lists.shape[1]], lists, rung.pruning)
@@ -480,7 +488,8 @@ class ProbeCost:
         scan = codes * self._code_size * SCAN_SECONDS_PER_BYTE
         fetch = candidates(self._k, rung.rerank, self._n_vectors)
         rerank = fetch * self._row_bytes * RERANK_SECONDS_PER_BYTE
-        return scan + rerank
+        coarse = lists.shape[1] * COARSE_SECONDS_PER_LIST
+        return coarse + scan + rerank
 
 
 def squared_distance_error(dim: int) -> float:

@@ -134,8 +134,14 @@ def test_pruned_rungs_and_a_cost_from_the_data() -> None:
     ladder = ann.calibration_ladder(8, None, 3, 2048, prune=True)
     pruned = [rung for rung in ladder if rung.pruning is not None]
     assert {rung.pruning.ratio for rung in pruned} == set(ann.PRUNE_RATIOS)
-    assert {(rung.nprobe, rung.pruning.min_lists) for rung in pruned} == {(32, 4)}
-    assert len(pruned) == len(ann.PRUNE_RATIOS) * len(ann.rerank_choices(3))
+    assert {(rung.nprobe, rung.pruning.min_lists) for rung in pruned} == {
+        (12, 4),
+        (16, 4),
+        (24, 4),
+        (32, 4),
+    }
+    per_cap = len(ann.PRUNE_RATIOS) * len(ann.rerank_choices(3))
+    assert len(pruned) == len(ann.PRUNE_CAPS) * per_cap
     # Capped by the lists there are.
     assert {rung.nprobe for rung in ann.calibration_ladder(8, None, 3, 20, prune=True)} <= set(
         range(1, 21)
@@ -191,7 +197,8 @@ def test_pruned_search_and_its_cost_on_a_real_inverted_file() -> None:
     _, coarse = ivf.quantizer.search(ann.transformed(faiss_index, xq), 8)
     codes = sizes[coarse].sum(axis=1).mean()
     rerank = 30 * 4 * dim * ann.RERANK_SECONDS_PER_BYTE  # 3 x k candidates, k = 10
-    expected = codes * ivf.code_size * ann.SCAN_SECONDS_PER_BYTE + rerank
+    coarse = 8 * ann.COARSE_SECONDS_PER_LIST
+    expected = coarse + codes * ivf.code_size * ann.SCAN_SECONDS_PER_BYTE + rerank
     assert cost(ann.Rung(8, None, 3)) == pytest.approx(expected)
     assert cost(ann.Rung(8, None, 3, ann.Pruning(1.5, 1))) < cost(ann.Rung(8, None, 3))
     assert cost(ann.Rung(8, None, 3, ann.Pruning(1e9, 1))) == pytest.approx(expected)

@@ -390,11 +390,14 @@ def new_ann(dim: int, factory: str, metric: int = faiss.METRIC_L2) -> faiss.Inde
     lists by it (`Pruning`), and FAISS's PCA centres the vectors, which changes inner-product
     order but not Euclidean order. (Files made before used inner product for factories without
     a transform, the same order for unit vectors; they still load and serve, unpruned.)
-    IVF indexes keep ids in their lists; anything else gets an IndexIDMap (no reverse map: the
-    exact vectors answer lookups by id).
+    IVF indexes (alone or behind transforms) keep ids in their lists; anything else, a refined
+    IVF too, gets an IndexIDMap (no reverse map: the exact vectors answer lookups by id).
     """
     index = faiss.index_factory(dim, factory, metric)
-    if faiss.try_extract_index_ivf(index) is None:
+    inner = (
+        faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    )
+    if not isinstance(inner, faiss.IndexIVF):
         index = faiss.IndexIDMap(index)
     return index
 
@@ -464,11 +467,14 @@ class ProbeCost:
     """What each search setting of an IVF costs on given queries: the codes its lists hold.
 
     Deterministic (no timing), so the calibration's choice does not depend on the machine's
-    load; converted to seconds with SCAN_SECONDS_PER_BYTE and RERANK_SECONDS_PER_BYTE.
+    load; converted to seconds with COARSE_SECONDS_PER_LIST, SCAN_SECONDS_PER_BYTE and
+    RERANK_SECONDS_PER_BYTE. For an IVF alone or behind transforms (`prunable_ivf`).
     """
 
     def __init__(self, index: faiss.Index, xq: np.ndarray, max_nprobe: int, k: int) -> None:
-        ivf = faiss.extract_index_ivf(index)
+        ivf = prunable_ivf(index)
+        if ivf is None:
+            raise ValueError("ProbeCost prices an IVF searched by Euclidean distance")
         self._code_size = int(ivf.code_size)
         self._row_bytes = 4 * int(index.d)
         self._k = k

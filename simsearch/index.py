@@ -192,16 +192,12 @@ class VectorIndex:
         truth = _without_own(ids[truth_rows], own, k)
         params = ann.search_params(self._ann)
         nprobe, nlist = params.get("nprobe"), params.get("nlist")
+        prunable = nprobe is not None and ann.prunable_ivf(self._ann) is not None
         cost = None
-        if nprobe:
+        if prunable:
             cost = ann.ProbeCost(self._ann, xq, nprobe * max(ann.MAX_EFFORT, ann.PRUNE_CAP), k)
         ladder = ann.calibration_ladder(
-            nprobe,
-            params.get("efSearch"),
-            self._rerank_factor,
-            nlist,
-            prune=ann.prunable_ivf(self._ann) is not None,
-            cost=cost,
+            nprobe, params.get("efSearch"), self._rerank_factor, nlist, prune=prunable, cost=cost
         )
         recall, failed = 0.0, []
         for rung in ladder:

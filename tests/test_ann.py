@@ -106,8 +106,14 @@ def test_new_indexes_are_euclidean_so_their_lists_can_be_pruned() -> None:
         assert ann.prunable_ivf(index) is not None
     assert ann.prunable_ivf(ann.new_ann(32, "HNSW8")) is None
     assert ann.prunable_ivf(ann.new_ann(32, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)) is None
-    # Inside a refine, the pruned lists would bypass it.
+    # Inside a refine, the pruned lists would bypass it; such an index is searched as a whole.
     assert ann.prunable_ivf(ann.new_ann(32, "IVF16,PQ8,Refine(Flat)")) is None
+    rng = np.random.default_rng(18)
+    xb = clustered(rng, 3_000, 32, clusters=30)
+    for factory in ("IVF16,PQ16x4,Refine(Flat)", "PCA16,IVF16,PQ16x4,Refine(Flat)"):
+        refined = VectorIndex.build(32, np.arange(3_000), xb, factory, target_recall=None)
+        assert refined.search(xb[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]
+        assert "pruned" not in refined.description() and "within" not in refined.description()
 
 
 def test_the_calibration_ladder_climbs_from_the_cheapest() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import simsearch.exact as exact_module
+from simsearch import _parallel
 from simsearch.exact import ExactSearcher
 
 
@@ -311,11 +312,19 @@ def test_float32_dots_read_in_place_are_within_their_bound() -> None:
 
 def test_gathered_rows_are_right_when_the_buffer_is_reused() -> None:
     table = torch.arange(40 * 6, dtype=torch.float32).view(40, 6).to(torch.bfloat16)
-    first = exact_module._gather_rows(table, torch.tensor([3, 1, 3]))
-    torch.testing.assert_close(first, table[[3, 1, 3]])
-    kept = first.clone()
-    second = exact_module._gather_rows(table, torch.tensor([39, 0]))
-    torch.testing.assert_close(second, table[[39, 0]])
-    torch.testing.assert_close(kept, table[[3, 1, 3]])
-    wider = torch.ones((4, 3000), dtype=torch.bfloat16)
-    torch.testing.assert_close(exact_module._gather_rows(wider, torch.tensor([2])), wider[[2]])
+    with exact_module._row_buffer() as buffer:
+        first = buffer.gather(table, torch.tensor([3, 1, 3]))
+        torch.testing.assert_close(first, table[[3, 1, 3]])
+        kept = first.clone()
+        second = buffer.gather(table, torch.tensor([39, 0]))
+        torch.testing.assert_close(second, table[[39, 0]])
+        torch.testing.assert_close(kept, table[[3, 1, 3]])
+        wider = torch.ones((4, 3000), dtype=torch.bfloat16)
+        torch.testing.assert_close(buffer.gather(wider, torch.tensor([2])), wider[[2]])
+    # Buffers are kept for later searches, at most one per core whatever the threads.
+    held = [exact_module._row_buffer() for _ in range(_parallel.cores() + 3)]
+    for context in held:
+        context.__enter__()
+    for context in held:
+        context.__exit__(None, None, None)
+    assert len(exact_module._spares) == _parallel.cores()

@@ -290,7 +290,9 @@ class VectorIndex:
                 f"nprobe at most {params['nprobe']}: lists within {self._pruning.ratio:g}x the "
                 f"nearest's squared distance, at least {self._pruning.min_lists}"
             )
-        settings.append(f"re-ranks {self._rerank_factor} x k exactly")
+        settings.append(
+            f"re-ranks {self._rerank_factor} x k exactly, at least k + {ann.MIN_EXTRA_CANDIDATES}"
+        )
         if self._calibration:
             settings.append(
                 f"recall@10 {self._calibration['recall']:.3f} on "

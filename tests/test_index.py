@@ -245,10 +245,12 @@ def test_description_and_dim() -> None:
     assert VectorIndex(DIM).description() == "IDMap2,Flat (inner product)"
     assert VectorIndex(DIM, " flat ").factory == "Flat"
     hnsw = VectorIndex(DIM, "HNSW32")
-    assert hnsw.description() == "HNSW32 (L2; efSearch 64, re-ranks 3 x k exactly)"
+    assert hnsw.description() == "HNSW32 (L2; efSearch 64, re-ranks 3 x k exactly, at least k + 16)"
     assert hnsw.approximate and not VectorIndex(DIM).approximate
     ivf = VectorIndex(DIM, "IVF64,PQ8x4fs", nprobe=5, rerank=7)
-    assert ivf.description() == "IVF64,PQ8x4fs (L2; nprobe 5, re-ranks 7 x k exactly)"
+    assert (
+        ivf.description() == "IVF64,PQ8x4fs (L2; nprobe 5, re-ranks 7 x k exactly, at least k + 16)"
+    )
     assert ivf.search_settings() == {"nlist": 64, "nprobe": 5, "rerank": 7}
     assert VectorIndex(8).dim == 8 and VectorIndex(8, "HNSW8").dim == 8
 

@@ -1,24 +1,27 @@
 """Batched, device-aware inference: image files in, unit vectors out.
 
-Decoding and resizing run in DataLoader worker processes, overlapped with inference, and ship
-uint8 tensors in channels_last layout; the model normalises pixels itself. The device, the
-precision and the inference form of the network are chosen once, when the Embedder is made. On
-a CPU the network runs as a copy with its batch norms folded into the convolutions and their
-activations fused (checked against the original when it is made), in small micro-batches that
-stay in cache; on CUDA it runs under AMP and JPEGs are decoded on the GPU where torchvision can.
-A file that cannot be decoded becomes a result with an error, never an exception.
+On a CPU of up to eight cores, one thread per core decodes, resizes and embeds its own runs of
+files (torch on one thread each); elsewhere DataLoader worker processes decode and resize,
+overlapped with inference here, and ship uint8 tensors in channels_last layout. The model
+normalises pixels itself. The device, the precision and the inference form of the network are
+chosen once, when the Embedder is made. On a CPU the network runs as a copy with its batch norms
+folded into the convolutions and their activations fused (`simsearch.model.inference`, checked
+against the original when it is made), in small micro-batches that stay in cache; on CUDA it
+runs under AMP and JPEGs are decoded on the GPU where torchvision can. A file that cannot be
+decoded becomes a result with an error, never an exception.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import copy
 import functools
 import logging
-import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +35,7 @@ from simsearch.config import DEFAULT_MAX_PIXELS
 from simsearch.errors import ImageError, InputError
 from simsearch.images import decode_image, read_jpeg
 from simsearch.model import EmbeddingModel
-from simsearch.model.network import ShallowPath
+from simsearch.model.inference import optimize_for_cpu
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +127,13 @@ def default_workers(n_paths: int, batch_size: int) -> int:
 def inference_workers(
     n_paths: int, unit: int, device_type: str = "cpu", cores: int | None = None
 ) -> int:
-    """Worker processes for embedding `n_paths` files in units of `unit`; 0 for small jobs.
+    """Workers for embedding `n_paths` files in units of `unit`; 0 for small jobs.
 
-    On a CPU of up to MAX_CPU_WORKERS cores, one per core, each decoding and embedding its own
-    units on one thread (threads inside one process wait on each other whenever another
-    process takes a core). On bigger CPUs the main process runs the network on all its threads
-    and a fifth of the cores decode; with a GPU every core but the one feeding it decodes.
+    On a CPU of up to MAX_CPU_WORKERS cores, one thread per core, each decoding and embedding
+    its own units with torch on that one thread (a torch op spread over threads waits for all of
+    them whenever another process takes a core). On bigger CPUs this process runs the network
+    on all its threads and worker processes on a fifth of the cores decode; with a GPU, worker
+    processes on every core but the one feeding it decode.
     """
     cores = cores or os.cpu_count() or 1
     if n_paths < 2 * unit or cores < 2:
@@ -141,11 +145,11 @@ def inference_workers(
 
 @dataclass(frozen=True, slots=True)
 class JobPlan:
-    """How one embed_files job runs: its worker processes, and where the network runs."""
+    """How one embed_files job runs: its workers, and where the network runs."""
 
-    workers: int
-    unit: int  # files per unit of work (one DataLoader item)
-    network_in_workers: bool  # each worker embeds what it decodes, on one thread
+    workers: int  # threads when the network runs in them, else decoding processes
+    unit: int  # files per unit of work (one DataLoader item, or one thread's task)
+    network_in_workers: bool  # each worker thread embeds what it decodes, on one torch thread
     pin_memory: bool  # batches go to the GPU from pinned memory
 
 
@@ -159,10 +163,11 @@ def plan_job(
 ) -> JobPlan:
     """The job's layout from the device, its size, the workers asked for and the CPU count.
 
-    On a small CPU the workers run the network too, one thread each (libgomp cannot start
-    threads in a forked process, and threads of one process wait on each other whenever
-    another process holds a core); a GPU, a compiled network or a single worker leaves the
-    network in this process.
+    On a small CPU the workers are threads of this process that run the network too, one torch
+    thread each (an op spread over threads waits for all of them whenever another process holds
+    a core; and threads start at once, where forked processes took 0.13 s per job to start and
+    warm up); a GPU, a compiled network or a single worker leaves the network in this process,
+    fed by decoding processes.
     """
     cores = cores or os.cpu_count() or 1
     small_cpu = device_type == "cpu" and cores <= MAX_CPU_WORKERS and not compiled
@@ -228,7 +233,7 @@ class _Item:
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    """Decodes and prepares one file per item, in a worker process; failures become items.
+    """Decodes and prepares one file per item, in a worker; failures become items.
 
     With `jpeg_bytes`, JPEGs whose header passes the checks are read but not decoded: the
     device decodes them.
@@ -294,283 +299,6 @@ def _collate(items: list[_Item]) -> _Batch:
     return _Batch(good, images, encoded, bad)
 
 
-# -- the network in its inference form ---------------------------------------------------------
-class _InferenceConv(nn.Module):
-    """A convolution with its batch norm folded in and its activation fused.
-
-    TF-style 'same' padding (timm's Conv2dSame pads one side more) becomes symmetric padding
-    with the kernel shifted by zero taps, for the input size seen when it was made: the same
-    sums without padding a copy of every activation.
-    """
-
-    def __init__(
-        self,
-        conv: nn.Conv2d,
-        norm: nn.Module | None,
-        act: tuple[str, list[float]],
-        input_hw: tuple[int, int],
-        fused: bool,
-    ) -> None:
-        super().__init__()
-        weight, bias = _fold(conv, norm)
-        self.stride = list(conv.stride)
-        self.dilation = list(conv.dilation)
-        self.groups = conv.groups
-        self.act, self.act_args = act
-        self.fused = fused
-        self.same_pads: list[int] | None = None  # (left, right, top, bottom) for other sizes
-        self.input_hw = input_hw
-        self.register_buffer("plain_weight", weight)
-        self.padding = list(conv.padding)
-        if _is_conv2d_same(conv):
-            self.same_pads = _same_pads(input_hw, weight.shape[-2:], self.stride, self.dilation)
-            if self.dilation == [1, 1]:
-                weight, self.padding = _shift_for_same(weight, self.same_pads)
-            else:  # a shifted dilated kernel would skip the wrong taps: pad every call
-                self.input_hw = (-1, -1)
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-
-    def cast(self, dtype: torch.dtype) -> None:
-        """Weights in the compute dtype; the bias stays float32 (oneDNN adds it in fp32)."""
-        self.weight = self.weight.to(dtype)
-        self.plain_weight = self.plain_weight.to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, padding = self.weight, self.padding
-        if self.same_pads is not None and tuple(x.shape[-2:]) != self.input_hw:
-            hw = tuple(x.shape[-2:])
-            weight, padding = self.plain_weight, [0, 0]
-            x = F.pad(x, _same_pads(hw, weight.shape[-2:], self.stride, self.dilation))
-        if self.fused:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x.to(weight.dtype), weight, self.bias, padding, self.stride, self.dilation,
-                self.groups, self.act, self.act_args, "",
-            )  # fmt: skip
-        y = F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
-        return _activate(y, self.act, self.act_args)
-
-
-class _InferenceShallowPath(nn.Module):
-    """A Deep Ranking shallow path (ShallowPath) with its ReLU fused and a faster pooling."""
-
-    def __init__(self, path: ShallowPath) -> None:
-        super().__init__()
-        self.subsample = path.subsample
-        self.conv = path.conv
-        self.conv.act, self.conv.act_args = "relu", []
-        self.pool = path.pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.pool(self.conv(_average_pool(x, self.subsample)))
-        return F.normalize(grid.flatten(1).float(), dim=1)
-
-
-def _average_pool(x: torch.Tensor, k: int) -> torch.Tensor:
-    """F.avg_pool2d(x, k), as sums over rows then columns where x is channels_last.
-
-    PyTorch pools a 3-channel channels_last image one channel at a time; summing whole rows of
-    pixels is about three times faster, and the same up to float rounding.
-    """
-    n, c, h, w = x.shape
-    if k == 1 or h % k or w % k or not x.is_contiguous(memory_format=torch.channels_last):
-        return F.avg_pool2d(x, k)
-    rows = x.permute(0, 2, 3, 1).reshape(n, h // k, k, w * c).sum(2)
-    pooled = rows.reshape(n, h // k, w // k, k, c).sum(3) / (k * k)
-    return pooled.permute(0, 3, 1, 2)
-
-
-def _activate(x: torch.Tensor, act: str, args: list[float]) -> torch.Tensor:
-    if act == "relu":
-        return F.relu_(x)
-    if act == "hardtanh":
-        return F.hardtanh_(x, args[0], args[1])
-    return x
-
-
-def _fold(conv: nn.Conv2d, norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The convolution's weight and bias with the eval-mode batch norm after it folded in."""
-    weight = conv.weight.detach().double()
-    bias = conv.bias.detach().double() if conv.bias is not None else None
-    if norm is None:
-        if bias is None:
-            bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-        return weight.float(), bias.float()
-    mean, var = norm.running_mean.double(), norm.running_var.double()
-    scale = torch.rsqrt(var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight.detach().double()
-    shift = -mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.detach().double()
-    if bias is not None:
-        shift = shift + bias * scale
-    return (weight * scale.view(-1, 1, 1, 1)).float(), shift.float()
-
-
-def _is_conv2d_same(conv: nn.Module) -> bool:
-    return type(conv).__name__.startswith("Conv2dSame")  # timm's Conv2dSame(Export)
-
-
-def _same_pads(
-    hw: tuple[int, ...], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
-) -> list[int]:
-    """TF 'same' padding as F.pad takes it: (left, right, top, bottom)."""
-    pads = []
-    for n, k, s, d in zip(hw, kernel, stride, dilation, strict=True):
-        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        pads.append((total // 2, total - total // 2))
-    (top, bottom), (left, right) = pads
-    return [left, right, top, bottom]
-
-
-def _shift_for_same(weight: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Padding (lo, hi) as symmetric hi with hi - lo zero taps in front: the very same sums."""
-    left, right, top, bottom = pads
-    extra_h, extra_w = bottom - top, right - left
-    if extra_h < 0 or extra_w < 0:  # never for TF padding, which puts the extra on the end
-        raise ValueError(f"unexpected same padding {pads}")
-    weight = F.pad(weight, (extra_w, 0, extra_h, 0))
-    return weight, [bottom, right]
-
-
-_ACTIVATIONS: dict[type, Callable[[nn.Module], tuple[str, list[float]]]] = {
-    nn.Identity: lambda m: ("none", []),
-    nn.ReLU: lambda m: ("relu", []),
-    nn.ReLU6: lambda m: ("hardtanh", [0.0, 6.0]),
-    nn.Hardtanh: lambda m: ("hardtanh", [float(m.min_val), float(m.max_val)]),
-}
-
-
-@functools.cache
-def fused_convolution_available() -> bool:
-    """Whether oneDNN's fused convolution + activation runs and agrees with conv then clamp."""
-    op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 8, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
-        w, b = torch.randn(8, 1, 3, 3, generator=gen), torch.randn(8, generator=gen)
-        with torch.inference_mode():
-            got = op(x, w, b, [1, 1], [2, 2], [1, 1], 8, "hardtanh", [0.0, 6.0], "")
-            want = F.conv2d(x, w, b, 2, 1, 1, 8).clamp(0, 6)
-        return bool(torch.allclose(got, want, atol=1e-4))
-    except Exception:  # a private op: missing or broken in this build means "no"
-        log.debug("fused oneDNN convolution unavailable", exc_info=True)
-        return False
-
-
-def optimize_for_cpu(
-    model: EmbeddingModel, dtype: torch.dtype = torch.float32, *, fuse: bool | None = None
-) -> nn.Module:
-    """An inference copy for CPUs: batch norms folded, activations fused, weights in `dtype`.
-
-    The copy is checked against the model in float32 on a test batch, and the model itself is
-    returned if they disagree, so an unforeseen architecture only loses speed.
-    """
-    with _torch_threads(1):  # a few tiny forward passes: threads would only wait on each other
-        return _optimize_for_cpu(model, dtype, fuse)
-
-
-def _optimize_for_cpu(model: EmbeddingModel, dtype: torch.dtype, fuse: bool | None) -> nn.Module:
-    if fuse is None:
-        fuse = fused_convolution_available()
-    size = model.config.input_size
-    net = copy.deepcopy(model).eval().float()
-    convs, norms = _trace_convolutions(net, size)
-    parents = {id(c): (p, n) for p in net.modules() for n, c in p.named_children()}
-    for conv, hw in convs.items():
-        norm = norms.get(conv)
-        act, rest = ("none", []), None
-        if norm is not None:
-            act, rest = _norm_activation(norm)
-        parent, name = parents[id(conv)]
-        setattr(parent, name, _InferenceConv(conv, norm, act, hw, fuse))
-        if norm is not None:
-            parent, name = parents[id(norm)]
-            setattr(parent, name, rest if rest is not None else nn.Identity())
-    for parent in list(net.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, ShallowPath) and isinstance(child.conv, _InferenceConv):
-                setattr(parent, name, _InferenceShallowPath(child))
-    if not _agrees(net, model, size):
-        log.warning("the optimised network disagrees with %s; using it as it is", model.model_id)
-        return model
-    for module in net.modules():
-        if isinstance(module, _InferenceConv):
-            module.cast(dtype)
-    log.debug("optimised %d convolutions (%d batch norms folded)", len(convs), len(norms))
-    return net.to(memory_format=torch.channels_last)
-
-
-def _trace_convolutions(
-    net: nn.Module, size: int
-) -> tuple[dict[nn.Conv2d, tuple[int, int]], dict[nn.Conv2d, nn.Module]]:
-    """The convolutions called once, with their input sizes, and the batch norms they feed."""
-    calls: dict[nn.Conv2d, list[tuple[int, int]]] = {}
-    outputs: dict[int, tuple[torch.Tensor, nn.Conv2d]] = {}  # the tensors are kept alive
-    norms: dict[nn.Conv2d, list[nn.Module]] = {}
-    norm_calls: dict[nn.Module, int] = {}
-
-    def on_conv(module, inputs, output) -> None:
-        calls.setdefault(module, []).append(tuple(inputs[0].shape[-2:]))
-        outputs[id(output)] = (output, module)
-
-    def on_norm(module, inputs) -> None:
-        norm_calls[module] = norm_calls.get(module, 0) + 1
-        hit = outputs.get(id(inputs[0]))
-        if hit is not None and hit[0] is inputs[0]:
-            norms.setdefault(hit[1], []).append(module)
-
-    hooks = []
-    for module in net.modules():
-        if type(module) is nn.Conv2d or _is_conv2d_same(module):
-            if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-                hooks.append(module.register_forward_hook(on_conv))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if module.running_mean is not None and module.running_var is not None:
-                hooks.append(module.register_forward_pre_hook(on_norm))
-    try:
-        with torch.no_grad():
-            net(torch.zeros(1, 3, size, size, dtype=torch.uint8))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    convs = {conv: hws[0] for conv, hws in calls.items() if len(hws) == 1}
-    folded = {
-        conv: found[0]
-        for conv, found in norms.items()
-        if conv in convs and len(found) == 1 and norm_calls[found[0]] == 1
-    }
-    return convs, folded
-
-
-def _norm_activation(norm: nn.Module) -> tuple[tuple[str, list[float]], nn.Module | None]:
-    """The activation a norm layer applies itself (timm's BatchNormAct2d), fused if possible.
-
-    Returns the activation to fuse and the module that replaces the norm (None: nothing).
-    """
-    act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
-    if act is None:
-        return ("none", []), None
-    fusable = _ACTIVATIONS.get(type(act))
-    if fusable is not None:
-        return fusable(act), drop  # dropout and drop-block are identities in eval mode
-    return ("none", []), nn.Sequential(*(m for m in (drop, act) if m is not None))
-
-
-def _agrees(net: nn.Module, model: nn.Module, size: int) -> bool:
-    """Whether both give the same unit vector for a noise image (folding errors show at once)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=gen)
-    with torch.inference_mode():
-        want, got = model(x), net(x.contiguous(memory_format=torch.channels_last))
-    if got.shape != want.shape:
-        return False
-    return bool((got * want).sum(dim=1).min() > 0.9999)
-
-
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to `n` for a short job, then restored (process-wide)."""
@@ -586,7 +314,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 class _Runner:
     """The network under the chosen precision: uint8 images in, float32 unit vectors out.
 
-    Picklable (without a compiled forward), so worker processes can run it.
+    Worker threads call it side by side (it keeps no state between calls).
     """
 
     def __init__(
@@ -628,11 +356,6 @@ class _Runner:
         if compiled is not net:
             self.fallback, self.forward = self.net, compiled
             self.compiled_n = self.micro_batch or batch_size
-
-    def __getstate__(self) -> dict:
-        if self.fallback is not None:
-            raise TypeError("a compiled network cannot be sent to worker processes")
-        return self.__dict__
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -676,6 +399,49 @@ def _identity(unit: _Unit) -> _Unit:
     return unit
 
 
+_single = {"jobs": 0, "before": 0}  # jobs running torch on one thread, and the count before them
+_single_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_torch_thread_per_job() -> Iterator[None]:
+    """torch on one thread while any job of worker threads runs; restored when the last ends
+    (jobs that overlap, in threads of one process, restore the count from before the first)."""
+    with _single_lock:
+        if _single["jobs"] == 0:
+            _single["before"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single["jobs"] += 1
+    try:
+        yield
+    finally:
+        with _single_lock:
+            _single["jobs"] -= 1
+            if _single["jobs"] == 0:
+                torch.set_num_threads(_single["before"])
+
+
+def _in_threads(units: _UnitDataset, threads: int) -> Iterator[_Unit]:
+    """The units decoded and embedded by `threads` threads, in order, each running torch on one
+    thread (set process-wide while the job runs), at most two units per thread ahead.
+
+    PIL and torch release the GIL while they work, so the threads run side by side, each op
+    whole on the thread that calls it, as in a worker process of one thread.
+    """
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="simsearch-embed")
+    ahead: collections.deque[Future[_Unit]] = collections.deque()
+    try:
+        with _one_torch_thread_per_job():
+            for index in range(len(units)):
+                ahead.append(pool.submit(units.__getitem__, index))
+                if len(ahead) >= 2 * threads:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+    finally:  # also when the caller stops early: queued units are dropped, running ones finish
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # -- the embedder ------------------------------------------------------------------------------
 class Embedder:
     """A model placed on a device with a precision, ready to embed files or images.
@@ -713,9 +479,10 @@ class Embedder:
         dtype = _DTYPES.get(self.precision, torch.float32)
         self._runner = _Runner(self.model, self.device, self.precision, self.micro_batch)
         if cpu:
-            # On one thread, as the workers run it: oneDNN builds its kernels here, once, and
-            # forked workers inherit them. (A few small forward passes on two threads can take
-            # seconds when other processes hold the cores.)
+            # On one thread, as the worker threads run it: oneDNN builds its kernels (and each
+            # convolution its reordered weight) here, once, for all of them. (A few small
+            # forward passes on two threads can take seconds when other processes hold the
+            # cores.)
             with _torch_threads(1):
                 self._runner.net = self._runner.forward = optimize_for_cpu(self.model, dtype)
                 size = self.input_size
@@ -754,17 +521,19 @@ class Embedder:
         unit = plan.unit
         files = _FileDataset(paths, self.input_size, self.max_pixels, self.device_jpeg)
         units = [range(i, min(i + unit, len(paths))) for i in range(0, len(paths), unit)]
-        runner = self._runner if plan.network_in_workers else None
-        loader = torch.utils.data.DataLoader(
-            _UnitDataset(files, units, runner),
-            batch_size=None,
-            shuffle=False,
-            num_workers=plan.workers,
-            collate_fn=_identity,
-            pin_memory=plan.pin_memory,
-        )
+        if plan.network_in_workers:
+            units_done = _in_threads(_UnitDataset(files, units, self._runner), plan.workers)
+        else:
+            units_done = torch.utils.data.DataLoader(
+                _UnitDataset(files, units, None),
+                batch_size=None,
+                shuffle=False,
+                num_workers=plan.workers,
+                collate_fn=_identity,
+                pin_memory=plan.pin_memory,
+            )
         pending: list[EmbedResult] = []
-        for item in loader:
+        for item in units_done:
             pending += self._results(item, paths)
             while len(pending) >= batch_size:
                 yield pending[:batch_size]

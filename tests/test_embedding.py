@@ -21,7 +21,7 @@ from simsearch.embedding import (
 )
 from simsearch.errors import InputError
 from simsearch.images import decode_image
-from simsearch.model import BASELINE_MODEL, DEFAULT_MODEL, load_model
+from simsearch.model import BASELINE_MODEL, load_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "images"
 
@@ -259,7 +259,8 @@ def many_files(tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize(("workers", "batch_size"), [(1, 5), (2, 5), (2, 20), (2, 64)])
 def test_workers_keep_positions_order_and_failures(embedder, many_files, monkeypatch, workers,
                                                    batch_size):  # fmt: skip
-    """workers=1 decodes in a worker for this process's network; 2 or more also embed there."""
+    """workers=1 decodes in a worker process for this process's network; 2 or more are threads
+    that decode and embed."""
     monkeypatch.setattr(embedding.os, "cpu_count", lambda: 2)  # the same modes on any machine
     serial = list(embedder.embed_files(many_files, batch_size=batch_size, workers=0))
     batches = list(embedder.embed_files(many_files, batch_size=batch_size, workers=workers))
@@ -277,6 +278,29 @@ def test_workers_keep_positions_order_and_failures(embedder, many_files, monkeyp
             assert bad[a.position] in b.error
         else:
             np.testing.assert_allclose(a.vector, b.vector, atol=1e-6)
+
+
+def test_worker_threads_stop_with_the_caller_and_restore_torch_threads(
+    embedder, many_files, monkeypatch
+):
+    import threading
+
+    monkeypatch.setattr(embedding.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    job = embedder.embed_files(many_files, batch_size=4, workers=2)
+    first = next(job)
+    assert torch.get_num_threads() == 1  # while the job runs: each op whole on its thread
+    job.close()  # the caller stops early: queued units are dropped, the threads end
+    assert torch.get_num_threads() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("simsearch-embed")]
+    assert [r.position for r in first] == [0, 1, 2, 3]
+    # Jobs that overlap (threads of one process) restore the count from before the first.
+    one, two = (embedder.embed_files(many_files, batch_size=4, workers=2) for _ in range(2))
+    next(one), next(two)
+    one.close()
+    assert torch.get_num_threads() == 1  # the second still runs
+    two.close()
+    assert torch.get_num_threads() == before
 
 
 def test_plan_job_for_each_device():
@@ -312,102 +336,6 @@ def test_inference_workers(monkeypatch):
     monkeypatch.setattr(embedding.os, "cpu_count", lambda: 32)
     assert embedding.inference_workers(1000, 16) == 6  # decoders for this process's threads
     assert embedding.inference_workers(1000, 32, "cuda") == 2 * embedding.MAX_WORKERS
-
-
-# -- the CPU inference copy ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def default_model():
-    return load_model(DEFAULT_MODEL)
-
-
-def _photos(n: int, size: int) -> torch.Tensor:
-    from badfiles import photo_like
-
-    return torch.stack([prepare_image(photo_like((size, size), seed=i), size) for i in range(n)])
-
-
-@pytest.mark.parametrize("fuse", [True, False])
-def test_cpu_inference_copy_computes_what_the_model_does(default_model, fuse):
-    model = default_model
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    net = embedding.optimize_for_cpu(model, fuse=fuse)
-    assert net is not model
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # all folded
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    assert sum(isinstance(m, embedding._InferenceConv) for m in net.modules()) == convs
-    fused = [m.act for m in net.modules() if isinstance(m, embedding._InferenceConv)]
-    assert fused.count("hardtanh") > 10  # the ReLU6 of every inverted residual block
-    assert fused.count("relu") == 2  # the shallow paths' ReLU
-    assert isinstance(net.path_p, embedding._InferenceShallowPath)
-    x = _photos(3, model.config.input_size)
-    with torch.inference_mode():
-        want, got = model(x), net(x.contiguous(memory_format=torch.channels_last))
-    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5)
-    after = model.state_dict()  # the model itself is untouched
-    assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-@pytest.mark.parametrize("hw", [(224, 224), (225, 223), (17, 30)])
-@pytest.mark.parametrize(
-    ("kernel", "stride", "dilation"), [(3, 2, 1), (5, 2, 1), (3, 1, 1), (3, 2, 2)]
-)
-def test_same_padding_becomes_a_shifted_kernel(hw, kernel, stride, dilation):
-    """timm's Conv2dSame (TF padding, one more on the end) + BatchNormAct, for any input size."""
-    from timm.layers import BatchNormAct2d, Conv2dSame
-
-    torch.manual_seed(0)
-    conv = Conv2dSame(6, 6, kernel, stride=stride, dilation=dilation, groups=6, bias=False)
-    norm = BatchNormAct2d(6, act_layer=torch.nn.ReLU6).eval()
-    with torch.no_grad():
-        norm.running_mean.uniform_(-1, 1)
-        norm.running_var.uniform_(0.5, 2)
-        norm.weight.uniform_(0.5, 2)
-        norm.bias.uniform_(-1, 1)
-    act, _rest = embedding._norm_activation(norm)
-    fast = embedding._InferenceConv(
-        conv, norm, act, (224, 224), embedding.fused_convolution_available()
-    )
-    x = torch.randn(2, 6, *hw) * 3
-    with torch.inference_mode():
-        np.testing.assert_allclose(fast(x).numpy(), norm(conv(x)).numpy(), atol=1e-5)
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 224, 224), (1, 3, 30, 17), (2, 5, 16, 16)])
-@pytest.mark.parametrize("k", [1, 4, 8])
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_average_pool_is_avg_pool2d(shape, k, channels_last):
-    x = torch.randn(*shape)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    want = torch.nn.functional.avg_pool2d(x, k)
-    got = embedding._average_pool(x, k)
-    assert got.shape == want.shape
-    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
-
-
-class _TrickyNet(torch.nn.Module):
-    """A convolution's output used twice: by its batch norm and by a shortcut around it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from types import SimpleNamespace
-
-        self.config = SimpleNamespace(input_size=32)
-        self.model_id = "tricky"
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.norm = torch.nn.BatchNorm2d(4).eval()
-        with torch.no_grad():
-            self.norm.running_mean.fill_(5.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x.float() / 255)
-        return torch.nn.functional.normalize((self.norm(y) + y).flatten(1), dim=1)
-
-
-def test_a_network_the_copy_would_get_wrong_is_used_as_it_is(caplog):
-    net = _TrickyNet()
-    assert embedding.optimize_for_cpu(net) is net
-    assert "disagrees" in caplog.text
 
 
 # -- torch.compile ------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ import typer
 from simsearch import __version__
 from simsearch.commands._common import (
     BatchSizeOption,
+    CompileOption,
     DeviceOption,
     JsonOption,
     MaxPixelsOption,
+    PrecisionOption,
     ProgressBar,
     StoreOption,
     WeightsOption,
@@ -120,6 +122,8 @@ def index(
     batch_size: BatchSizeOption = DEFAULT_BATCH_SIZE,
     workers: WorkersOption = None,
     device: DeviceOption = None,
+    precision: PrecisionOption = "auto",
+    compile: CompileOption = "auto",
     backbone_weights: WeightsOption = None,
     max_pixels: MaxPixelsOption = None,
     as_json: JsonOption = False,
@@ -142,7 +146,9 @@ def index(
             summary = library.index_paths(
                 collection,
                 [str(f) for f in folders],
-                embedder_factory=embedder_factory(device, backbone_weights, pixels),
+                embedder_factory=embedder_factory(
+                    device, backbone_weights, pixels, precision, compile
+                ),
                 model=model,
                 reindex=reindex,
                 settings=settings,

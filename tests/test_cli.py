@@ -65,6 +65,20 @@ def test_help_and_info_start_without_importing_torch(tmp_path, args):
     assert result.stderr.strip().splitlines()[-1] == "False", result.stderr
 
 
+def test_index_takes_precision_and_compile_and_names_the_choices(runner, photos, tmp_path):
+    store = str(tmp_path / "store")
+    args = ["index", str(photos / "a"), "--store", store, "--device", "cpu"]
+    result = invoke(runner, *args, "--precision", "fp32", "--compile", "off", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["added"] == 6
+    bad = invoke(runner, *args[:2], "--store", store, "--reindex", "--compile", "sometimes")
+    assert bad.exit_code != 0
+    assert "unknown compile mode 'sometimes'; choose one of auto, on, off" in bad.stderr
+    bad = invoke(runner, *args, "--reindex", "--precision", "fp16")
+    assert bad.exit_code != 0
+    assert "precision fp16 is not supported on cpu; use bf16 or fp32" in bad.stderr
+
+
 def test_index_query_distance_info_remove(runner, photos, tmp_path):
     store = str(tmp_path / "store")
     badfiles.truncated_jpeg(photos)

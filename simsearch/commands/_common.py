@@ -44,7 +44,28 @@ WeightsOption = Annotated[
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images a batch.")]
 WorkersOption = Annotated[
     int | None,
-    typer.Option("--workers", min=0, help="Decoding processes. Default: from the CPU count."),
+    typer.Option(
+        "--workers",
+        min=0,
+        help="Workers: on a CPU of up to 8 cores, threads that decode and embed; elsewhere "
+        "decoding processes. 0: none. Default: from the CPU count.",
+    ),
+]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="auto, bf16, fp16 or fp32. auto: bf16 on CPUs with native bf16, bf16 (else fp16) "
+        "mixed precision on CUDA, fp32 otherwise.",
+    ),
+]
+CompileOption = Annotated[
+    str,
+    typer.Option(
+        "--compile",
+        help="torch.compile the network: auto (on CUDA from 20,000 images, which repay its "
+        "half a minute or more of compiling), on or off.",
+    ),
 ]
 MaxPixelsOption = Annotated[
     int | None,
@@ -73,6 +94,7 @@ def embedder_factory(
     backbone_weights: Path | None,
     max_pixels: int,
     precision: str = "auto",
+    compile: str = "auto",
 ) -> EmbedderFactory:
     """Builds an Embedder for a model spec when the library asks (torch is imported then)."""
 
@@ -81,7 +103,9 @@ def embedder_factory(
         from simsearch.model import load_model
 
         model = load_model(spec, backbone_weights=backbone_weights)
-        return Embedder(model, device=device, precision=precision, max_pixels=max_pixels)
+        return Embedder(
+            model, device=device, precision=precision, max_pixels=max_pixels, compile=compile
+        )
 
     return factory
 

@@ -299,15 +299,31 @@ def _collate(items: list[_Item]) -> _Batch:
     return _Batch(good, images, encoded, bad)
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to `n` for a short job, then restored (process-wide)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+class _OneTorchThread:
+    """torch on one intra-op thread while anyone holds this; the count from before the first
+    holder comes back when the last one leaves (torch's setting is process-wide, and holders
+    may overlap: embedding jobs in threads of one process, an Embedder being made)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._before = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._before = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self._holders += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                torch.set_num_threads(self._before)
+
+
+_one_torch_thread = _OneTorchThread()
 
 
 # -- running the network ----------------------------------------------------------------------
@@ -399,31 +415,9 @@ def _identity(unit: _Unit) -> _Unit:
     return unit
 
 
-_single = {"jobs": 0, "before": 0}  # jobs running torch on one thread, and the count before them
-_single_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _one_torch_thread_per_job() -> Iterator[None]:
-    """torch on one thread while any job of worker threads runs; restored when the last ends
-    (jobs that overlap, in threads of one process, restore the count from before the first)."""
-    with _single_lock:
-        if _single["jobs"] == 0:
-            _single["before"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _single["jobs"] += 1
-    try:
-        yield
-    finally:
-        with _single_lock:
-            _single["jobs"] -= 1
-            if _single["jobs"] == 0:
-                torch.set_num_threads(_single["before"])
-
-
 def _in_threads(units: _UnitDataset, threads: int) -> Iterator[_Unit]:
     """The units decoded and embedded by `threads` threads, in order, each running torch on one
-    thread (set process-wide while the job runs), at most two units per thread ahead.
+    thread (`_one_torch_thread` while the job runs), at most two units per thread ahead.
 
     PIL and torch release the GIL while they work, so the threads run side by side, each op
     whole on the thread that calls it, as in a worker process of one thread.
@@ -431,7 +425,7 @@ def _in_threads(units: _UnitDataset, threads: int) -> Iterator[_Unit]:
     pool = ThreadPoolExecutor(threads, thread_name_prefix="simsearch-embed")
     ahead: collections.deque[Future[_Unit]] = collections.deque()
     try:
-        with _one_torch_thread_per_job():
+        with _one_torch_thread:
             for index in range(len(units)):
                 ahead.append(pool.submit(units.__getitem__, index))
                 if len(ahead) >= 2 * threads:
@@ -483,7 +477,7 @@ class Embedder:
             # convolution its reordered weight) here, once, for all of them. (A few small
             # forward passes on two threads can take seconds when other processes hold the
             # cores.)
-            with _torch_threads(1):
+            with _one_torch_thread:
                 self._runner.net = self._runner.forward = optimize_for_cpu(self.model, dtype)
                 size = self.input_size
                 self._runner(torch.zeros(self.micro_batch, 3, size, size, dtype=torch.uint8))

@@ -50,17 +50,17 @@ def test_small_stores_get_exact_search() -> None:
         assert not choice.approximate and choice.train_size == 0
 
 
-def test_the_threshold_switches_to_pca_ivf_pq() -> None:
+def test_the_threshold_switches_to_opq_ivf_pq() -> None:
     choice = choose_index(ann.FLAT_MAX_VECTORS, 512, 8 * GIB)
     assert choice.approximate
-    assert choice.factory == f"PCA128,IVF{ann.nlist_for(ann.FLAT_MAX_VECTORS)},PQ128x4fs"
+    assert choice.factory == f"OPQ64_128,IVF{ann.nlist_for(ann.FLAT_MAX_VECTORS)},PQ64x4fs"
     million = choose_index(1_000_000, 512, 8 * GIB)
-    assert million.factory == "PCA128,IVF2048,PQ128x4fs"
+    assert million.factory == "OPQ64_128,IVF2048,PQ64x4fs"
     assert million.nprobe == 2048 // ann.NPROBE_DIVISOR
     assert million.rerank == ann.RERANK and million.target_recall == ann.TARGET_RECALL
     assert ann.MIN_TRAIN_SIZE <= million.train_size <= 1_000_000
-    # 64-byte codes and ids: far under a quarter of the float32 vectors.
-    assert ann.ivf_pq_bytes(1_000_000, 512, 2048, 128) < 1_000_000 * 512 * 4 / 20
+    # 32-byte codes and ids: far under a quarter of the float32 vectors.
+    assert ann.ivf_pq_bytes(1_000_000, 512, 2048, 64) < 1_000_000 * 512 * 4 / 40
     # Low dimensions are coded whole, one 4-bit code per dimension.
     assert choose_index(1_000_000, 64, 8 * GIB).factory == "IVF2048,PQ64x4fs"
     assert choose_index(1_000_000, 128, 8 * GIB).factory == "IVF2048,PQ128x4fs"
@@ -88,9 +88,10 @@ def test_a_tight_budget_moves_a_small_store_to_an_approximate_index() -> None:
 
 
 def test_pq_codes_fit_the_dimension() -> None:
-    for dim in (512, 256, 128, 100, 48, 8, 6):
-        m = ann.pq_subquantizers(dim)
-        assert m == min(dim, ann.REDUCED_DIMS) and m % 2 == 0
+    for dim in (512, 256, 130):  # reduced and rotated: one code per pair of dimensions
+        assert ann.pq_subquantizers(dim) == ann.REDUCED_DIMS // 2
+    for dim in (128, 100, 48, 8, 6):  # kept whole: one code per dimension
+        assert ann.pq_subquantizers(dim) == dim
     assert ann.reduced_dims(1024) == 128 and ann.reduced_dims(48) == 48
     # An odd dimension has no 4-bit PQ code here: 8-bit scalar codes instead.
     assert ann.pq_subquantizers(101) == 0
@@ -100,10 +101,14 @@ def test_pq_codes_fit_the_dimension() -> None:
 def test_new_indexes_are_euclidean_so_their_lists_can_be_pruned() -> None:
     import faiss
 
-    for factory in ("PCA16,IVF16,PQ16x4fs", "IVF16,PQ32x4fs", "IVF16,Flat"):
+    factories = ("PCA16,IVF16,PQ16x4fs", "OPQ8_16,IVF16,PQ8x4fs", "IVF16,PQ32x4fs", "IVF16,Flat")
+    for factory in factories:
         index = ann.new_ann(32, factory)
         assert index.metric_type == faiss.METRIC_L2
         assert ann.prunable_ivf(index) is not None
+    rotated = ann.new_ann(32, "OPQ8_16,IVF16,PQ8x4fs")  # kept: the transform lives inside it
+    rotation = faiss.downcast_VectorTransform(rotated.chain.at(0))
+    assert isinstance(rotation, faiss.OPQMatrix) and rotation.niter == ann.OPQ_ITERATIONS
     assert ann.prunable_ivf(ann.new_ann(32, "HNSW8")) is None
     assert ann.prunable_ivf(ann.new_ann(32, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)) is None
     # Inside a refine, the pruned lists would bypass it; such an index is searched as a whole.
@@ -301,7 +306,7 @@ def test_approximate_index_recall_at_10_against_exact(factory: str) -> None:
 def test_automatic_choice_at_a_small_forced_threshold(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """The automatic kind end to end, scaled down: PCA, inverted file, 4-bit codes, L2,
+    """The automatic kind end to end, scaled down: OPQ, inverted file, 4-bit codes, L2,
     calibrated, saved and served memory-mapped, changed."""
     monkeypatch.setattr(ann, "FLAT_MAX_VECTORS", 2_000)
     monkeypatch.setattr(ann, "MIN_NLIST", 16)
@@ -312,7 +317,7 @@ def test_automatic_choice_at_a_small_forced_threshold(
     xb, xq = xb[:n], xb[n:]
     ids = np.arange(n, dtype=np.int64) * 7
     choice = choose_index(n, dim, 8 * GIB)
-    assert choice.factory == f"PCA32,IVF{ann.nlist_for(n)},PQ32x4fs" and choice.train_size == n
+    assert choice.factory == f"OPQ16_32,IVF{ann.nlist_for(n)},PQ16x4fs" and choice.train_size == n
     index = VectorIndex.build(
         dim,
         ids,

@@ -102,11 +102,13 @@ PRUNE_RATIOS = (1.2, 1.25, 1.3, 1.35, 1.4, 1.45, 1.5, 1.6, 1.7, 1.8, 2.0, 2.5, 3
 PRUNE_CAPS = (1.5, 2, 3, 4)
 PRUNE_CAP = max(PRUNE_CAPS)
 # Where the data tells what a rung costs (IVF: the codes its lists hold for the sample's
-# queries), seconds per byte scanned and per byte re-ranked; measured on bin/bench-search
-# (1,000,000 x 512, 2 cores): 1.46 ns per 64-byte code scanned, 0.2 us per 2 KiB row re-ranked,
-# and the coarse quantizer 0.12 us per list it is asked for (5.2 ms per 1000 queries at 16, 7.0
-# at 32 of 2048 lists).
-SCAN_SECONDS_PER_BYTE = 0.023e-9
+# queries), seconds per code and per byte scanned and per byte re-ranked; measured on
+# bin/bench-search (1,000,000 x 512, 2 cores): 1.46 ns per 64-byte code scanned, 0.2 us per 2 KiB
+# row re-ranked, and the coarse quantizer 0.12 us per list it is asked for (5.2 ms per 1000
+# queries at 16, 7.0 at 32 of 2048 lists). A 32-byte code costs 0.63 of a 64-byte one, not half
+# (1.22-1.38 against 2.01-2.16 ns, measured side by side): a part of the scan is per code.
+SCAN_SECONDS_PER_CODE = 0.40e-9
+SCAN_SECONDS_PER_BYTE = 0.0166e-9
 RERANK_SECONDS_PER_BYTE = 0.1e-9
 COARSE_SECONDS_PER_LIST = 0.12e-6
 HNSW_EF_SEARCH = 64
@@ -484,8 +486,9 @@ class ProbeCost:
     """What each search setting of an IVF costs on given queries: the codes its lists hold.
 
     Deterministic (no timing), so the calibration's choice does not depend on the machine's
-    load; converted to seconds with COARSE_SECONDS_PER_LIST, SCAN_SECONDS_PER_BYTE and
-    RERANK_SECONDS_PER_BYTE. For an IVF alone or behind transforms (`prunable_ivf`).
+    load; converted to seconds with COARSE_SECONDS_PER_LIST, SCAN_SECONDS_PER_CODE and
+    SCAN_SECONDS_PER_BYTE, and RERANK_SECONDS_PER_BYTE. For an IVF alone or behind transforms
+    (`prunable_ivf`).
     """
 
     def __init__(self, index: faiss.Index, xq: np.ndarray, max_nprobe: int, k: int) -> None:
@@ -508,7 +511,7 @@ class ProbeCost:
         if rung.pruning is not None:
             lists = prune_lists(self._distances[:, : lists.shape[1]], lists, rung.pruning)
         codes = float(self._sizes[lists].sum(axis=1).mean())
-        scan = codes * self._code_size * SCAN_SECONDS_PER_BYTE
+        scan = codes * (SCAN_SECONDS_PER_CODE + self._code_size * SCAN_SECONDS_PER_BYTE)
         fetch = candidates(self._k, rung.rerank, self._n_vectors)
         rerank = fetch * self._row_bytes * RERANK_SECONDS_PER_BYTE
         coarse = lists.shape[1] * COARSE_SECONDS_PER_LIST

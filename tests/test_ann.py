@@ -209,7 +209,8 @@ def test_pruned_search_and_its_cost_on_a_real_inverted_file() -> None:
     codes = sizes[coarse].sum(axis=1).mean()
     rerank = 30 * 4 * dim * ann.RERANK_SECONDS_PER_BYTE  # 3 x k candidates, k = 10
     coarse = 8 * ann.COARSE_SECONDS_PER_LIST
-    expected = coarse + codes * ivf.code_size * ann.SCAN_SECONDS_PER_BYTE + rerank
+    per_code = ann.SCAN_SECONDS_PER_CODE + ivf.code_size * ann.SCAN_SECONDS_PER_BYTE
+    expected = coarse + codes * per_code + rerank
     assert cost(ann.Rung(8, None, 3)) == pytest.approx(expected)
     assert cost(ann.Rung(8, None, 3, ann.Pruning(1.5, 1))) < cost(ann.Rung(8, None, 3))
     assert cost(ann.Rung(8, None, 3, ann.Pruning(1e9, 1))) == pytest.approx(expected)
